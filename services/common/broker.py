@@ -1,0 +1,320 @@
+"""The broker abstraction over nats-py JetStream (DESIGN §2).
+
+- :func:`connect` — a ``NATS_URLS`` list, reconnecting forever, state in metrics and logs.
+- :func:`ensure_streams` — create or update MD_RAW, MD_TICKS, MD_DLQ idempotently.
+- :class:`Publisher` — bounded in-flight async publishes with ``Nats-Msg-Id``; never one
+  awaited round trip per message.
+- :func:`durable_pull` / :func:`fetch_batch` — durable pull consumers with explicit acks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    DiscardPolicy,
+    PubAck,
+    StorageType,
+    StreamConfig,
+)
+
+from services.common import metrics
+from services.common.errors import BrokerError, PublishTimeoutError, StreamConfigError
+from services.common.logging import get_logger
+from services.common.settings import CommonSettings
+from services.common.subjects import (
+    DLQ_STREAM,
+    DLQ_WILDCARD,
+    HDR_MSG_ID,
+    RAW_STREAM,
+    RAW_WILDCARD,
+    TICKS_STREAM,
+    TICKS_WILDCARD,
+)
+
+log = get_logger(__name__)
+
+_STREAM_IN_USE = 10058  # "stream name already in use with a different configuration"
+
+
+async def connect(
+    settings: CommonSettings, *, name: str, stop: asyncio.Event | None = None
+) -> NATS:
+    """Connect to the first reachable server of ``NATS_URLS``, retrying until ``stop``.
+
+    Once connected, nats-py reconnects on its own forever; while it is away, publishes
+    queue in its pending buffer and our bounded publisher window applies backpressure.
+    """
+
+    async def on_error(exc: Exception) -> None:
+        metrics.NATS_ERRORS.labels(kind=type(exc).__name__).inc()
+        log.warning("nats_error", error=str(exc) or type(exc).__name__)
+
+    async def on_disconnect() -> None:
+        metrics.NATS_CONNECTED.set(0)
+        metrics.NATS_DISCONNECTS.inc()
+        log.warning("nats_disconnected")
+
+    async def on_reconnect() -> None:
+        metrics.NATS_CONNECTED.set(1)
+        metrics.NATS_RECONNECTS.inc()
+        log.info(
+            "nats_reconnected", server=str(nc.connected_url.netloc if nc.connected_url else "")
+        )
+
+    nc = NATS()
+    delay = 0.2
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            await nc.connect(
+                servers=settings.nats_urls,
+                name=name,
+                connect_timeout=int(max(1, settings.nats_connect_timeout_s)),
+                allow_reconnect=True,
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=1,
+                error_cb=on_error,
+                disconnected_cb=on_disconnect,
+                reconnected_cb=on_reconnect,
+                pending_size=64 * 1024 * 1024,
+            )
+        except (nats.errors.NoServersError, OSError, TimeoutError) as exc:
+            if stop is not None and stop.is_set():
+                raise BrokerError("stopped before NATS was reachable") from exc
+            log.warning(
+                "nats_connect_retry", urls=settings.nats_urls, attempt=attempt, error=str(exc)
+            )
+            await _sleep_or_stop(delay * (0.5 + random.random()), stop)
+            delay = min(delay * 2, 5.0)
+            continue
+        metrics.NATS_CONNECTED.set(1)
+        log.info("nats_connected", server=nc.connected_url.netloc if nc.connected_url else None)
+        return nc
+
+
+async def _sleep_or_stop(seconds: float, stop: asyncio.Event | None) -> None:
+    if stop is None:
+        await asyncio.sleep(seconds)
+        return
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)
+
+
+def stream_configs(settings: CommonSettings) -> list[StreamConfig]:
+    """The three streams of DESIGN §2, sized by settings."""
+    common = {
+        "storage": StorageType.FILE,
+        "num_replicas": settings.stream_replicas,
+        "discard": DiscardPolicy.OLD,
+        "max_bytes": settings.stream_max_bytes,
+        "duplicate_window": settings.dedup_window_s,
+        "allow_direct": True,
+    }
+    return [
+        StreamConfig(
+            name=RAW_STREAM,
+            subjects=[RAW_WILDCARD],
+            max_age=settings.raw_max_age_s,
+            description="Raw Coinbase frames as received, one subject per product",
+            **common,  # type: ignore[arg-type]
+        ),
+        StreamConfig(
+            name=TICKS_STREAM,
+            subjects=[TICKS_WILDCARD],
+            max_age=settings.ticks_max_age_s,
+            description="Canonical ticks, md.ticks.<shard>.<product>",
+            **common,  # type: ignore[arg-type]
+        ),
+        StreamConfig(
+            name=DLQ_STREAM,
+            subjects=[DLQ_WILDCARD],
+            max_age=settings.dlq_max_age_s,
+            description="Dead letters: original bytes, reason and error in headers",
+            **common,  # type: ignore[arg-type]
+        ),
+    ]
+
+
+async def ensure_streams(js: JetStreamContext, settings: CommonSettings) -> None:
+    """Create the streams, or bring an existing one to our config; safe to call any time."""
+    for config in stream_configs(settings):
+        try:
+            await js.add_stream(config)
+        except nats.js.errors.BadRequestError as exc:
+            if exc.err_code != _STREAM_IN_USE:
+                raise StreamConfigError(str(config.name), exc.description or str(exc)) from exc
+            try:
+                await js.update_stream(config)
+            except nats.js.errors.APIError as update_exc:
+                raise StreamConfigError(
+                    str(config.name), update_exc.description or str(update_exc)
+                ) from update_exc
+            log.info("stream_updated", stream=config.name)
+
+
+@dataclass(slots=True)
+class PendingPublish:
+    stream: str
+    started: float
+    future: asyncio.Future[PubAck]
+
+
+class Publisher:
+    """Pipelined JetStream publishes: many in flight, each acked before its effect counts.
+
+    ``publish`` only waits when ``PUBLISH_MAX_IN_FLIGHT`` acks are outstanding (that is the
+    backpressure). ``wait`` resolves a set of publishes, raising if any failed or timed out;
+    a timed-out publish is cancelled so its window slot is freed.
+    """
+
+    def __init__(self, nc: NATS, settings: CommonSettings) -> None:
+        self.js = nc.jetstream(publish_async_max_pending=settings.publish_max_in_flight)
+        self._ack_timeout_s = settings.publish_ack_timeout_s
+
+    async def publish(
+        self,
+        stream: str,
+        subject: str,
+        payload: bytes,
+        *,
+        msg_id: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> PendingPublish:
+        hdrs = dict(headers) if headers else {}
+        if msg_id is not None:
+            hdrs[HDR_MSG_ID] = msg_id
+        started = time.perf_counter()
+        future = await self.js.publish_async(subject, payload, headers=hdrs or None)
+        metrics.PUBLISH_IN_FLIGHT.set(self.js.publish_async_pending())
+        return PendingPublish(stream, started, future)
+
+    async def wait(self, pending: Iterable[PendingPublish]) -> list[PubAck]:
+        """Await the acks of ``pending``; all or nothing."""
+        items = list(pending)
+        if not items:
+            return []
+        futures = [item.future for item in items]
+        done, not_done = await asyncio.wait(futures, timeout=self._ack_timeout_s)
+        for future in not_done:
+            future.cancel()
+        metrics.PUBLISH_IN_FLIGHT.set(self.js.publish_async_pending())
+        acks: list[PubAck] = []
+        first_error: BaseException | None = None
+        now = time.perf_counter()
+        for item in items:
+            if item.future in not_done:
+                metrics.PUBLISH_ERRORS.labels(stream=item.stream, kind="timeout").inc()
+                continue
+            exc = item.future.exception()
+            if exc is not None:
+                metrics.PUBLISH_ERRORS.labels(stream=item.stream, kind=type(exc).__name__).inc()
+                first_error = first_error or exc
+                continue
+            ack = item.future.result()
+            metrics.PUBLISH_SECONDS.labels(stream=item.stream).observe(now - item.started)
+            if ack.duplicate:
+                metrics.PUBLISH_DUPLICATES.labels(stream=item.stream).inc()
+            else:
+                metrics.PUBLISHED.labels(stream=item.stream).inc()
+            acks.append(ack)
+        if not_done:
+            raise PublishTimeoutError(len(not_done), self._ack_timeout_s)
+        if first_error is not None:
+            raise BrokerError(f"publish failed: {first_error!r}") from first_error
+        del done
+        return acks
+
+
+async def durable_pull(
+    js: JetStreamContext,
+    *,
+    stream: str,
+    durable: str,
+    filter_subjects: list[str],
+    max_ack_pending: int = 20_000,
+    ack_wait_s: float = 30.0,
+    ack_policy: AckPolicy = AckPolicy.EXPLICIT,
+) -> JetStreamContext.PullSubscription:
+    """Bind to (or create) a durable pull consumer; its config follows ours on restart."""
+    config = ConsumerConfig(
+        durable_name=durable,
+        ack_policy=ack_policy,
+        ack_wait=ack_wait_s,
+        max_ack_pending=max_ack_pending,
+        deliver_policy=DeliverPolicy.ALL,
+        filter_subjects=filter_subjects if len(filter_subjects) > 1 else None,
+        filter_subject=filter_subjects[0] if len(filter_subjects) == 1 else None,
+        max_waiting=64,
+    )
+    try:
+        await js.add_consumer(stream, config)
+    except nats.js.errors.BadRequestError as exc:
+        # An existing durable with another filter must not silently keep its old one.
+        raise StreamConfigError(stream, f"consumer {durable}: {exc.description}") from exc
+    return await js.pull_subscribe_bind(durable=durable, stream=stream)
+
+
+async def fetch_batch(
+    sub: JetStreamContext.PullSubscription, batch: int, timeout_s: float
+) -> list[Msg]:
+    """Up to ``batch`` messages, or ``[]`` when none arrived within ``timeout_s``."""
+    try:
+        return await sub.fetch(batch, timeout=timeout_s)
+    except nats.errors.TimeoutError:
+        return []
+
+
+async def report_consumer_lag(
+    js: JetStreamContext, stream: str, durable: str, stop: asyncio.Event, period_s: float = 2.0
+) -> None:
+    """Export the consumer's pending (lag) and ack-pending counts until ``stop``."""
+    while not stop.is_set():
+        try:
+            info = await js.consumer_info(stream, durable)
+        except (nats.errors.Error, TimeoutError) as exc:
+            log.debug("consumer_info_failed", stream=stream, consumer=durable, error=str(exc))
+        else:
+            metrics.CONSUMER_PENDING.labels(stream=stream, consumer=durable).set(
+                info.num_pending or 0
+            )
+            metrics.CONSUMER_ACK_PENDING.labels(stream=stream, consumer=durable).set(
+                info.num_ack_pending or 0
+            )
+        await _sleep_or_stop(period_s, stop)
+
+
+async def close(
+    nc: NATS, timeout_s: float, *, pull_subs: Iterable[JetStreamContext.PullSubscription] = ()
+) -> None:
+    """Drain (flush publishes and acks, finish subscriptions) within ``timeout_s``, else close.
+
+    Pull subscriptions are unsubscribed first: nobody reads their queue any more, and
+    nats-py's drain would otherwise wait its full timeout for the 408 status replies of
+    expired fetches sitting in it.
+    """
+    if nc.is_closed:
+        return
+    for sub in pull_subs:
+        with contextlib.suppress(nats.errors.Error):
+            await sub.unsubscribe()
+    try:
+        await asyncio.wait_for(nc.drain(), timeout_s)
+    except (TimeoutError, nats.errors.Error) as exc:
+        log.warning("nats_drain_incomplete", error=repr(exc))
+        await nc.close()

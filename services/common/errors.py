@@ -1,0 +1,24 @@
+"""Errors shared by every service."""
+
+from __future__ import annotations
+
+
+class LedgerFluxError(Exception):
+    """Base of every error raised by LedgerFlux code."""
+
+
+class BrokerError(LedgerFluxError):
+    """NATS/JetStream failed in a way the caller must handle (retry, nak, stop)."""
+
+
+class PublishTimeoutError(BrokerError):
+    def __init__(self, pending: int, timeout_s: float) -> None:
+        self.pending = pending
+        self.timeout_s = timeout_s
+        super().__init__(f"{pending} publishes not acked within {timeout_s:.1f}s")
+
+
+class StreamConfigError(BrokerError):
+    def __init__(self, stream: str, reason: str) -> None:
+        self.stream = stream
+        super().__init__(f"stream {stream}: {reason}")

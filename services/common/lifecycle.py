@@ -1,0 +1,78 @@
+"""Service lifecycle: settings → logging → metrics → main(settings, stop) under uvloop.
+
+A signal only sets ``stop``; each service's main then stops intake, finishes in-flight
+work, acks, flushes and returns, so SIGTERM exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+
+import uvloop
+
+from services.common.logging import configure_logging, get_logger
+from services.common.metrics import start_metrics_server, stop_metrics_server
+from services.common.settings import CommonSettings, ConfigError
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_CONFIG = 2
+
+
+def run_service[S: CommonSettings](
+    name: str,
+    settings_cls: type[S],
+    main: Callable[[S, asyncio.Event], Awaitable[None]],
+    argv: Sequence[str] | None = None,
+) -> int:
+    """Run one service to completion and return its process exit code."""
+    try:
+        settings = settings_cls.load(argv, prog=f"python -m services.{name}")
+    except ConfigError as exc:
+        configure_logging("INFO", service=name)
+        get_logger().error("config_error", error=str(exc))
+        return EXIT_CONFIG
+    configure_logging(settings.log_level, service=name)
+    return uvloop.run(_supervise(name, settings, main))
+
+
+async def _supervise[S: CommonSettings](
+    name: str, settings: S, main: Callable[[S, asyncio.Event], Awaitable[None]]
+) -> int:
+    log = get_logger()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_signal(sig: signal.Signals) -> None:
+        if stop.is_set():
+            return
+        log.info("shutdown_requested", signal=sig.name)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+    try:
+        metrics_server = start_metrics_server(settings.metrics_host, settings.metrics_port)
+    except OSError as exc:
+        # a port clash is an operator error: one line, no traceback
+        log.error("metrics_port_unavailable", port=settings.metrics_port, error=str(exc))
+        return EXIT_CONFIG
+    log.info("service_starting", pid=os.getpid())
+    try:
+        await main(settings, stop)
+    except Exception:
+        log.exception("service_failed")
+        return EXIT_FAILED
+    finally:
+        stop_metrics_server(metrics_server)
+    log.info("service_stopped")
+    return EXIT_OK
+
+
+def exit_with(code: int) -> None:
+    sys.stdout.flush()
+    sys.exit(code)

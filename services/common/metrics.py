@@ -1,0 +1,67 @@
+"""Prometheus metrics shared by every service, and the ``/metrics`` HTTP server.
+
+Service-specific metrics live in each service's own ``metrics.py``; everything is
+prefixed ``ledgerflux_`` so dashboards can find it.
+"""
+
+from __future__ import annotations
+
+import threading
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+from services.common.logging import get_logger
+
+log = get_logger(__name__)
+
+LATENCY_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+)  # fmt: skip
+
+NATS_CONNECTED = Gauge("ledgerflux_nats_connected", "1 while the NATS connection is up")
+NATS_RECONNECTS = Counter("ledgerflux_nats_reconnects_total", "NATS reconnections")
+NATS_DISCONNECTS = Counter("ledgerflux_nats_disconnects_total", "NATS disconnections")
+NATS_ERRORS = Counter("ledgerflux_nats_errors_total", "NATS client errors", ["kind"])
+
+PUBLISHED = Counter("ledgerflux_published_total", "Messages acked by JetStream", ["stream"])
+PUBLISH_DUPLICATES = Counter(
+    "ledgerflux_publish_duplicates_total",
+    "Publishes JetStream recognised as duplicates (same Nats-Msg-Id) and stored once",
+    ["stream"],
+)
+PUBLISH_ERRORS = Counter(
+    "ledgerflux_publish_errors_total", "Publishes not acked by JetStream", ["stream", "kind"]
+)
+PUBLISH_SECONDS = Histogram(
+    "ledgerflux_publish_seconds",
+    "Time from publish to JetStream ack",
+    ["stream"],
+    buckets=LATENCY_BUCKETS,
+)
+PUBLISH_IN_FLIGHT = Gauge("ledgerflux_publish_in_flight", "Publishes awaiting their ack")
+CONSUMER_PENDING = Gauge(
+    "ledgerflux_consumer_pending",
+    "Messages in the stream not yet delivered to this durable consumer (lag)",
+    ["stream", "consumer"],
+)
+CONSUMER_ACK_PENDING = Gauge(
+    "ledgerflux_consumer_ack_pending",
+    "Messages delivered to this durable consumer and not yet acked",
+    ["stream", "consumer"],
+)
+
+
+def start_metrics_server(host: str, port: int) -> WSGIServer | None:
+    """Serve ``/metrics`` on a daemon thread (off the event loop); port 0 disables it."""
+    if port == 0:
+        return None
+    server, _thread = start_http_server(port, addr=host)
+    log.info("metrics_listening", host=host, port=port)
+    return server
+
+
+def stop_metrics_server(server: WSGIServer | None) -> None:
+    if server is not None:
+        threading.Thread(target=server.shutdown, daemon=True).start()
+        server.server_close()

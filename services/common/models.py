@@ -1,0 +1,56 @@
+"""The canonical tick (DESIGN §3): the one shape on ``md.ticks.*``, to clients and in snapshots.
+
+Prices and sizes are exact decimal strings end to end; they are never parsed into floats.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+Side = Literal["buy", "sell"]
+
+
+class Tick(msgspec.Struct, kw_only=True, tag_field="type", tag="tick"):
+    """One normalized ticker update of one product.
+
+    ``resync`` is present (``true``) only on ticks rebuilt from the REST ticker after a
+    gap or reconnect; ``skipped`` only on ticks a gateway sends after conflating older
+    ones. Both are omitted from the JSON otherwise.
+    """
+
+    v: int = 1
+    exchange: str = "coinbase"
+    product: str
+    seq: int
+    trade_id: int | None
+    time: str
+    recv_ns: int
+    price: str
+    size: str | None
+    side: Side | None
+    bid: str | None
+    bid_size: str | None
+    ask: str | None
+    ask_size: str | None
+    open_24h: str | None
+    high_24h: str | None
+    low_24h: str | None
+    volume_24h: str | None
+    resync: bool | msgspec.UnsetType = msgspec.UNSET
+    skipped: int | msgspec.UnsetType = msgspec.UNSET
+
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(Tick)
+
+
+def encode_tick(tick: Tick) -> bytes:
+    """JSON bytes of a tick, in the field order of DESIGN §3."""
+    return _encoder.encode(tick)
+
+
+def decode_tick(data: bytes | str) -> Tick:
+    """Parse and type-check a tick; raises ``msgspec.ValidationError``/``DecodeError``."""
+    return _decoder.decode(data)

@@ -1,0 +1,54 @@
+"""``python -m services.ingestor``: Coinbase WebSocket → MD_RAW."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+
+from services.common import broker
+from services.common.lifecycle import run_service
+from services.common.logging import get_logger
+from services.ingestor.feed import FeedSession, run_feed
+from services.ingestor.publish import OutboundBuffer, publish_loop
+from services.ingestor.record import Recorder
+from services.ingestor.settings import IngestorSettings
+
+log = get_logger(__name__)
+
+
+async def main(settings: IngestorSettings, stop: asyncio.Event) -> None:
+    nc = await broker.connect(settings, name="ledgerflux-ingestor", stop=stop)
+    recorder = (
+        Recorder(Path(settings.record), settings.record_max_bytes) if settings.record else None
+    )
+    try:
+        publisher = broker.Publisher(nc, settings)
+        await broker.ensure_streams(publisher.js, settings)
+        buffer = OutboundBuffer(maxlen=settings.ingest_buffer_max)
+        session = FeedSession(settings, buffer, recorder)
+        log.info(
+            "ingestor_started",
+            url=settings.coinbase_ws_url,
+            products=settings.coinbase_products,
+            channels=settings.coinbase_channels,
+        )
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(run_feed(settings, session, stop))
+            tg.create_task(
+                publish_loop(
+                    publisher,
+                    buffer,
+                    batch_max=settings.publish_batch_max,
+                    stop=stop,
+                    drain_timeout_s=settings.drain_timeout_s,
+                )
+            )
+    finally:
+        if recorder is not None:
+            recorder.close()
+        await broker.close(nc, settings.drain_timeout_s)
+
+
+if __name__ == "__main__":
+    sys.exit(run_service("ingestor", IngestorSettings, main))

@@ -1,0 +1,218 @@
+"""The Coinbase Exchange WebSocket session: subscribe, read, watch, reconnect.
+
+One session at a time; any failure (network, close, stall) ends it and the next starts
+after a jittered exponential backoff, with the subscription sent again (a reconnect that
+does not resubscribe receives nothing: coinbase-protocol.md §4.5).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Callable
+
+import orjson
+import websockets
+from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+
+from services.common.logging import get_logger
+from services.common.subjects import (
+    DLQ_STREAM,
+    HDR_DLQ_ERROR,
+    HDR_DLQ_REASON,
+    HDR_RECV_NS,
+    RAW_STREAM,
+    dlq_subject,
+    raw_subject,
+)
+from services.ingestor import metrics
+from services.ingestor.errors import FeedClosedError, FeedStalledError
+from services.ingestor.frames import RawFrame, UnparseableFrameError, parse_frame
+from services.ingestor.publish import OutboundBuffer, Outgoing
+from services.ingestor.record import Recorder
+from services.ingestor.settings import IngestorSettings
+
+log = get_logger(__name__)
+
+# Messages that are about the connection, not a product.
+_CONTROL_TYPES = frozenset({"subscriptions", "error", "status"})
+
+
+def subscribe_message(settings: IngestorSettings) -> bytes:
+    channels: list[object] = [
+        {"name": channel, "product_ids": settings.coinbase_products}
+        if channel != "status"
+        else {"name": "status"}
+        for channel in settings.coinbase_channels
+    ]
+    return orjson.dumps(
+        {"type": "subscribe", "product_ids": settings.coinbase_products, "channels": channels}
+    )
+
+
+class FeedSession:
+    """Reads one connection into the outbound buffer."""
+
+    def __init__(
+        self,
+        settings: IngestorSettings,
+        buffer: OutboundBuffer,
+        recorder: Recorder | None,
+        clock_ns: Callable[[], int] = time.time_ns,
+    ) -> None:
+        self.settings = settings
+        self.buffer = buffer
+        self.recorder = recorder
+        self.clock_ns = clock_ns
+        self.last_seen: dict[str, float] = {}
+        self._reported_errors: set[str] = set()
+
+    async def read(self, ws: ClientConnection) -> None:
+        """Read frames until the connection ends; raise why it ended."""
+        timeout = self.settings.watchdog_timeout_s
+        while True:
+            try:
+                async with asyncio.timeout(timeout):
+                    data = await ws.recv(decode=False)
+            except TimeoutError:
+                raise FeedStalledError(timeout) from None
+            except ConnectionClosed as exc:
+                rcvd = exc.rcvd
+                raise FeedClosedError(
+                    rcvd.code if rcvd else None, rcvd.reason if rcvd else ""
+                ) from exc
+            self.on_frame(data, self.clock_ns())
+
+    def on_frame(self, data: bytes, recv_ns: int) -> None:
+        if self.recorder is not None:
+            self.recorder.write(recv_ns, data)
+        try:
+            frame = parse_frame(data, recv_ns)
+        except UnparseableFrameError as exc:
+            self._dead_letter(data, recv_ns, "unparseable", str(exc))
+            return
+        if frame.type in _CONTROL_TYPES:
+            self._on_control(frame)
+            return
+        if frame.product is None:
+            self._dead_letter(data, recv_ns, "unparseable", "frame has no product_id")
+            return
+        metrics.FRAMES_RECEIVED.labels(product=frame.product, type=frame.type or "none").inc()
+        now = recv_ns / 1e9
+        self.last_seen[frame.product] = now
+        metrics.LAST_MESSAGE.labels(product=frame.product).set(now)
+        self.buffer.put(
+            Outgoing(
+                stream=RAW_STREAM,
+                subject=raw_subject(frame.product),
+                payload=data,
+                msg_id=frame.msg_id,
+                headers={HDR_RECV_NS: str(recv_ns)},
+                product=frame.product,
+                type=frame.type or "none",
+            )
+        )
+
+    def _on_control(self, frame: RawFrame) -> None:
+        message = orjson.loads(frame.data)
+        if frame.type == "subscriptions":
+            log.info("subscribed", channels=message.get("channels"))
+            metrics.CONNECTED.set(1)
+        elif frame.type == "error":
+            reason = str(message.get("reason") or message.get("message") or "unknown")
+            metrics.FEED_ERRORS.labels(reason=_metric_reason(reason)).inc()
+            if reason not in self._reported_errors:  # once per reason, then only counted
+                self._reported_errors.add(reason)
+                log.error("feed_error", message=message.get("message"), reason=reason)
+
+    def _dead_letter(self, data: bytes, recv_ns: int, reason: str, error: str) -> None:
+        metrics.DEAD_LETTERS.labels(reason=reason).inc()
+        log.warning("frame_dead_lettered", reason=reason, error=error, size=len(data))
+        self.buffer.put(
+            Outgoing(
+                stream=DLQ_STREAM,
+                subject=dlq_subject(reason),
+                payload=data,
+                msg_id=None,
+                headers={
+                    HDR_DLQ_REASON: reason,
+                    HDR_DLQ_ERROR: error[:512],
+                    HDR_RECV_NS: str(recv_ns),
+                },
+                product="-",
+                type="dead_letter",
+            )
+        )
+
+
+def _metric_reason(reason: str) -> str:
+    """Bounded label values: product names in reasons would explode the series count."""
+    if "is not a valid product" in reason:
+        return "invalid_product"
+    if "require authentication" in reason:
+        return "auth_required"
+    if "at least one product" in reason:
+        return "missing_product"
+    return "other"
+
+
+async def run_feed(
+    settings: IngestorSettings,
+    session: FeedSession,
+    stop: asyncio.Event,
+) -> None:
+    """Keep a subscribed session open until ``stop``, reconnecting with jittered backoff."""
+    delay = settings.reconnect_initial_s
+    subscribe = subscribe_message(settings)
+    while not stop.is_set():
+        started = time.monotonic()
+        reason = "error"
+        try:
+            async with websockets.connect(
+                settings.coinbase_ws_url,
+                max_size=settings.ws_max_frame_bytes,
+                open_timeout=10,
+                close_timeout=2,
+                ping_interval=20,
+                ping_timeout=20,
+            ) as ws:
+                # Coinbase drops a connection that has not subscribed within 5 s.
+                await ws.send(subscribe)
+                log.info("feed_connected", url=settings.coinbase_ws_url)
+                closer = asyncio.create_task(_close_on_stop(ws, stop))
+                try:
+                    await session.read(ws)
+                finally:
+                    closer.cancel()
+        except FeedStalledError as exc:
+            reason = "stall"
+            log.warning("feed_stalled", silent_s=exc.silent_s)
+        except FeedClosedError as exc:
+            reason = "closed"
+            if not stop.is_set():
+                log.warning("feed_closed", code=exc.code, reason=exc.reason)
+        except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as exc:
+            reason = "connect"
+            log.warning("feed_connect_failed", url=settings.coinbase_ws_url, error=repr(exc))
+        finally:
+            metrics.CONNECTED.set(0)
+        if stop.is_set():
+            return
+        metrics.RECONNECTS.labels(reason=reason).inc()
+        if time.monotonic() - started > 60:  # a session that lived is not a failure streak
+            delay = settings.reconnect_initial_s
+        sleep_s = delay * (0.5 + random.random())  # full jitter around the step
+        log.info("feed_reconnecting", in_s=round(sleep_s, 3), reason=reason)
+        try:
+            async with asyncio.timeout(sleep_s):
+                await stop.wait()
+        except TimeoutError:
+            pass
+        delay = min(delay * 2, settings.reconnect_max_s)
+
+
+async def _close_on_stop(ws: ClientConnection, stop: asyncio.Event) -> None:
+    await stop.wait()
+    await ws.close(1000, "shutting down")

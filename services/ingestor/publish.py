@@ -1,0 +1,138 @@
+"""Frames → MD_RAW through a bounded buffer, pipelined, retried until acked.
+
+The feed reader never waits on NATS: it appends to :class:`OutboundBuffer`. When NATS is
+away the buffer fills; past ``INGEST_BUFFER_MAX`` the oldest frame is dropped (loudly)
+and its product is marked for a REST resync once NATS is back. The publisher sends the
+buffer's head as one pipelined window and retries the *same* window (same
+``Nats-Msg-Id``, so JetStream stores each frame once) until every frame is acked:
+per-product order is kept and nothing is acked out of turn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from services.common.broker import PendingPublish, Publisher
+from services.common.logging import get_logger
+from services.ingestor import metrics
+
+log = get_logger(__name__)
+
+
+@dataclass(slots=True)
+class Outgoing:
+    stream: str
+    subject: str
+    payload: bytes
+    msg_id: str | None
+    headers: dict[str, str]
+    product: str
+    type: str
+
+
+@dataclass
+class OutboundBuffer:
+    """FIFO of frames not yet acked by JetStream, bounded by dropping the oldest."""
+
+    maxlen: int
+    _items: deque[Outgoing] = field(default_factory=deque)
+    _ready: asyncio.Event = field(default_factory=asyncio.Event)
+    dropped_products: set[str] = field(default_factory=set)
+    _last_drop_log: float = 0.0
+    _drops_since_log: int = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def put(self, item: Outgoing) -> None:
+        if len(self._items) >= self.maxlen:
+            oldest = self._items.popleft()
+            self.dropped_products.add(oldest.product)
+            metrics.FRAMES_DROPPED.labels(product=oldest.product).inc()
+            self._drops_since_log += 1
+            now = time.monotonic()
+            if now - self._last_drop_log >= 1.0:  # loud, but one line a second, not per frame
+                log.error(
+                    "buffer_full_dropping_oldest",
+                    dropped=self._drops_since_log,
+                    buffer_max=self.maxlen,
+                    products=sorted(self.dropped_products),
+                )
+                self._last_drop_log = now
+                self._drops_since_log = 0
+        self._items.append(item)
+        metrics.BUFFER_DEPTH.set(len(self._items))
+        self._ready.set()
+
+    def peek(self, n: int) -> list[Outgoing]:
+        return [self._items[i] for i in range(min(n, len(self._items)))]
+
+    def pop(self, n: int) -> None:
+        for _ in range(min(n, len(self._items))):
+            self._items.popleft()
+        metrics.BUFFER_DEPTH.set(len(self._items))
+        if not self._items:
+            self._ready.clear()
+
+    async def wait(self, stop: asyncio.Event) -> None:
+        """Return when there is something to send, or ``stop`` is set."""
+        if self._items or stop.is_set():
+            return
+        stop_wait = asyncio.ensure_future(stop.wait())
+        ready_wait = asyncio.ensure_future(self._ready.wait())
+        try:
+            await asyncio.wait({stop_wait, ready_wait}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop_wait.cancel()
+            ready_wait.cancel()
+
+
+async def publish_loop(
+    publisher: Publisher,
+    buffer: OutboundBuffer,
+    *,
+    batch_max: int,
+    stop: asyncio.Event,
+    drain_timeout_s: float,
+) -> None:
+    """Publish the buffer until ``stop``; then drain what is left within the timeout."""
+    backoff = 0.1
+    deadline: float | None = None
+    while True:
+        if stop.is_set():
+            if deadline is None:
+                deadline = time.monotonic() + drain_timeout_s
+                log.info("draining_buffer", frames=len(buffer))
+            if not buffer or time.monotonic() >= deadline:
+                if buffer:
+                    log.error("drain_timeout_frames_unpublished", frames=len(buffer))
+                return
+        await buffer.wait(stop)
+        window = buffer.peek(batch_max)
+        if not window:
+            continue
+        try:
+            pending: list[PendingPublish] = []
+            for item in window:
+                pending.append(
+                    await publisher.publish(
+                        item.stream,
+                        item.subject,
+                        item.payload,
+                        msg_id=item.msg_id,
+                        headers=item.headers,
+                    )
+                )
+            await publisher.wait(pending)
+        except Exception as exc:  # noqa: BLE001 - nats-py raises assorted errors while reconnecting; all mean "retry the window"
+            log.warning("publish_retry", frames=len(window), error=repr(exc), backoff_s=backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
+            continue
+        backoff = 0.1
+        for item in window:
+            metrics.FRAMES_PUBLISHED.labels(product=item.product, type=item.type).inc()
+        buffer.pop(len(window))

@@ -1,0 +1,54 @@
+"""Ingestor settings (env vars of DESIGN §10, CLI flags mirror them)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import NoDecode
+
+from services.common.settings import CommonSettings, split_csv
+from services.common.subjects import is_valid_product
+
+KNOWN_CHANNELS = ("ticker", "heartbeat", "matches", "status")
+
+
+class IngestorSettings(CommonSettings):
+    coinbase_ws_url: str = "wss://ws-feed.exchange.coinbase.com"
+    coinbase_rest_url: str = "https://api.exchange.coinbase.com"
+    coinbase_products: Annotated[list[str], NoDecode] = Field(default=["BTC-USD", "ETH-USD"])
+    coinbase_channels: Annotated[list[str], NoDecode] = Field(default=["ticker", "heartbeat"])
+    watchdog_timeout_s: float = Field(default=15.0, gt=0)
+    reconnect_initial_s: float = Field(default=0.5, gt=0)
+    reconnect_max_s: float = Field(default=30.0, gt=0)
+    ingest_buffer_max: int = Field(default=100_000, ge=100)
+    publish_batch_max: int = Field(default=1024, ge=1)
+    ws_max_frame_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    record: str | None = None
+    record_max_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)
+    metrics_port: int = Field(default=9101, ge=0, le=65535)
+
+    @field_validator("coinbase_products", "coinbase_channels", mode="before")
+    @classmethod
+    def _split(cls, value: object) -> object:
+        return split_csv(value)
+
+    @field_validator("coinbase_products")
+    @classmethod
+    def _check_products(cls, products: list[str]) -> list[str]:
+        if not products:
+            raise ValueError("at least one product is required")
+        bad = [p for p in products if not is_valid_product(p)]
+        if bad:
+            raise ValueError(f"invalid product ids {bad}")
+        return list(dict.fromkeys(p.upper() for p in products))
+
+    @field_validator("coinbase_channels")
+    @classmethod
+    def _check_channels(cls, channels: list[str]) -> list[str]:
+        unknown = [c for c in channels if c not in KNOWN_CHANNELS]
+        if unknown:
+            raise ValueError(f"unknown channels {unknown}; known: {', '.join(KNOWN_CHANNELS)}")
+        if not channels:
+            raise ValueError("at least one channel is required")
+        return list(dict.fromkeys(channels))

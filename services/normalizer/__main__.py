@@ -1,0 +1,48 @@
+"""``python -m services.normalizer``: MD_RAW → validated canonical ticks on MD_TICKS."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+from nats.js import JetStreamContext
+
+from services.common import broker
+from services.common.lifecycle import run_service
+from services.common.logging import get_logger
+from services.common.subjects import RAW_STREAM, RAW_WILDCARD
+from services.normalizer.consume import Normalizer
+from services.normalizer.settings import NormalizerSettings
+from services.normalizer.state import recover_last_seqs
+
+log = get_logger(__name__)
+
+
+async def main(settings: NormalizerSettings, stop: asyncio.Event) -> None:
+    nc = await broker.connect(settings, name="ledgerflux-normalizer", stop=stop)
+    subs: list[JetStreamContext.PullSubscription] = []
+    try:
+        publisher = broker.Publisher(nc, settings)
+        js = publisher.js
+        await broker.ensure_streams(js, settings)
+        last_seq = await recover_last_seqs(js, settings.owned_shards)
+        durable = settings.durable_name
+        sub = await broker.durable_pull(
+            js,
+            stream=RAW_STREAM,
+            durable=durable,
+            filter_subjects=[RAW_WILDCARD],
+            max_ack_pending=settings.max_ack_pending,
+        )
+        subs.append(sub)
+        log.info("normalizer_started", durable=durable, shards=sorted(settings.owned_shards))
+        normalizer = Normalizer(settings, publisher, last_seq)
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(normalizer.run(sub, stop))
+            tg.create_task(broker.report_consumer_lag(js, RAW_STREAM, durable, stop))
+    finally:
+        await broker.close(nc, settings.drain_timeout_s, pull_subs=subs)
+
+
+if __name__ == "__main__":
+    sys.exit(run_service("normalizer", NormalizerSettings, main))

@@ -1,0 +1,184 @@
+"""Raw Coinbase frame → canonical tick: decode (msgspec, compiled), validate, convert.
+
+One ``msgspec`` decode of a tagged union does the JSON parse and the type checks in C;
+what is left in Python is the few checks JSON types cannot express (decimal syntax,
+price > 0, bid ≤ ask, RFC 3339 time, product = subject).
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from decimal import Decimal
+from typing import Any, cast
+
+import msgspec
+
+from services.common.models import Tick
+from services.normalizer.errors import (
+    BadDecimalError,
+    BadTimeError,
+    BadValueError,
+    ProductMismatchError,
+    SchemaError,
+    UnparseableError,
+    UnsupportedTypeError,
+)
+
+
+class CoinbaseTicker(msgspec.Struct, tag_field="type", tag="ticker"):
+    product_id: str
+    sequence: int
+    price: str
+    time: str
+    trade_id: int | None = None
+    last_size: str | None = None
+    side: str | None = None
+    best_bid: str | None = None
+    best_bid_size: str | None = None
+    best_ask: str | None = None
+    best_ask_size: str | None = None
+    open_24h: str | None = None
+    high_24h: str | None = None
+    low_24h: str | None = None
+    volume_24h: str | None = None
+
+
+class CoinbaseHeartbeat(msgspec.Struct, tag_field="type", tag="heartbeat"):
+    product_id: str
+    sequence: int
+    last_trade_id: int
+    time: str
+
+
+class CoinbaseMatch(msgspec.Struct, tag_field="type", tag="match"):
+    product_id: str
+    sequence: int
+
+
+class CoinbaseLastMatch(msgspec.Struct, tag_field="type", tag="last_match"):
+    product_id: str
+    sequence: int
+
+
+Frame = CoinbaseTicker | CoinbaseHeartbeat | CoinbaseMatch | CoinbaseLastMatch
+
+_decoder = msgspec.json.Decoder(Frame)
+
+
+class _TypeOnly(msgspec.Struct):
+    type: Any = None
+
+
+_type_decoder = msgspec.json.Decoder(_TypeOnly)
+_KNOWN_TYPES = frozenset({"ticker", "heartbeat", "match", "last_match"})
+
+# Coinbase decimals: plain digits with an optional fraction, no sign or exponent.
+_DECIMAL = re.compile(r"\d{1,40}(?:\.\d{1,40})?")
+
+
+def decode_frame(data: bytes) -> Frame:
+    """Parse a raw frame; raise a :class:`RejectedFrameError` naming the DLQ reason."""
+    try:
+        return cast(Frame, _decoder.decode(data))
+    except msgspec.ValidationError as exc:
+        raise _classify(data, exc) from None
+    except msgspec.DecodeError as exc:
+        raise UnparseableError(str(exc)) from None
+
+
+def _classify(data: bytes, exc: msgspec.ValidationError) -> Exception:
+    try:
+        kind = _type_decoder.decode(data).type
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return UnparseableError("not a JSON object")
+    if isinstance(kind, str) and kind not in _KNOWN_TYPES:
+        return UnsupportedTypeError(f"message type {kind!r} is not normalized")
+    return SchemaError(str(exc))
+
+
+def _decimal(name: str, value: str | None) -> None:
+    if value is not None and _DECIMAL.fullmatch(value) is None:
+        raise BadDecimalError(f"{name}={value!r} is not a decimal string")
+
+
+def check_time(value: str) -> None:
+    """RFC 3339 with a time zone (``2022-10-19T23:28:22.061769Z``)."""
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise BadTimeError(f"time={value!r} is not RFC 3339") from None
+    if parsed.tzinfo is None or len(value) < 20 or value[10] not in "Tt":
+        raise BadTimeError(f"time={value!r} is not RFC 3339 with a time zone")
+
+
+def ticker_to_tick(
+    msg: CoinbaseTicker, subject_product: str, recv_ns: int, *, resync: bool = False
+) -> Tick:
+    """Validate a decoded ticker and build the canonical tick, decimals untouched."""
+    if msg.product_id != subject_product:
+        raise ProductMismatchError(
+            f"product_id={msg.product_id!r} on the subject of {subject_product!r}"
+        )
+    if msg.sequence < 0:
+        raise BadValueError(f"sequence={msg.sequence} is negative")
+    price = msg.price
+    _decimal("price", price)
+    if not price.strip("0."):
+        raise BadValueError(f"price={price!r} is not positive")
+    _decimal("last_size", msg.last_size)
+    _decimal("best_bid", msg.best_bid)
+    _decimal("best_bid_size", msg.best_bid_size)
+    _decimal("best_ask", msg.best_ask)
+    _decimal("best_ask_size", msg.best_ask_size)
+    _decimal("open_24h", msg.open_24h)
+    _decimal("high_24h", msg.high_24h)
+    _decimal("low_24h", msg.low_24h)
+    _decimal("volume_24h", msg.volume_24h)
+    side = msg.side
+    if side is not None and side != "buy" and side != "sell":
+        raise BadValueError(f"side={side!r} is neither buy nor sell")
+    bid, ask = msg.best_bid, msg.best_ask
+    if bid is not None and ask is not None and Decimal(bid) > Decimal(ask):
+        raise BadValueError(f"best_bid={bid} is above best_ask={ask}")
+    check_time(msg.time)
+    return Tick(
+        product=msg.product_id,
+        seq=msg.sequence,
+        trade_id=msg.trade_id,
+        time=msg.time,
+        recv_ns=recv_ns,
+        price=price,
+        size=msg.last_size,
+        side=side,  # type: ignore[arg-type]  # checked above
+        bid=bid,
+        bid_size=msg.best_bid_size,
+        ask=ask,
+        ask_size=msg.best_ask_size,
+        open_24h=msg.open_24h,
+        high_24h=msg.high_24h,
+        low_24h=msg.low_24h,
+        volume_24h=msg.volume_24h,
+        resync=True if resync else msgspec.UNSET,
+    )
+
+
+def require_product(
+    frame: CoinbaseHeartbeat | CoinbaseMatch | CoinbaseLastMatch, product: str
+) -> None:
+    if frame.product_id != product:
+        raise ProductMismatchError(f"product_id={frame.product_id!r} on the subject of {product!r}")
+
+
+__all__ = [
+    "CoinbaseHeartbeat",
+    "CoinbaseLastMatch",
+    "CoinbaseMatch",
+    "CoinbaseTicker",
+    "Frame",
+    "SchemaError",
+    "check_time",
+    "decode_frame",
+    "require_product",
+    "ticker_to_tick",
+]

@@ -1,0 +1,154 @@
+"""The normalizer's pure core: a batch of raw frames → ticks and dead letters.
+
+No I/O here, so property tests drive it directly; :mod:`consume` wraps it with NATS.
+State changes are staged and only committed by the caller once every output of the
+batch is acked by JetStream.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from services.common.models import encode_tick
+from services.common.subjects import (
+    DLQ_STREAM,
+    HDR_DLQ_ERROR,
+    HDR_DLQ_REASON,
+    HDR_DLQ_SUBJECT,
+    HDR_RECV_NS,
+    HDR_RESYNC,
+    TICKS_STREAM,
+    dlq_subject,
+    product_of_raw,
+    shard_of,
+    tick_subject,
+)
+from services.normalizer.decode import (
+    CoinbaseHeartbeat,
+    CoinbaseLastMatch,
+    CoinbaseMatch,
+    CoinbaseTicker,
+    decode_frame,
+    require_product,
+    ticker_to_tick,
+)
+from services.normalizer.errors import ProductMismatchError, RejectedFrameError
+
+_TYPE_NAMES: dict[type, str] = {
+    CoinbaseHeartbeat: "heartbeat",
+    CoinbaseMatch: "match",
+    CoinbaseLastMatch: "last_match",
+}
+
+
+@dataclass(slots=True, frozen=True)
+class RawIn:
+    subject: str
+    data: bytes
+    headers: dict[str, str] | None
+    stream_seq: int
+
+
+@dataclass(slots=True, frozen=True)
+class Output:
+    stream: str
+    subject: str
+    payload: bytes
+    msg_id: str
+    headers: dict[str, str] | None
+    product: str | None = None
+    seq: int | None = None
+
+
+@dataclass(slots=True)
+class BatchResult:
+    outputs: list[Output] = field(default_factory=list)
+    staged: dict[str, int] = field(default_factory=dict)
+    frames_in: Counter[str] = field(default_factory=Counter)
+    dropped: Counter[str] = field(default_factory=Counter)
+    dead_letters: Counter[str] = field(default_factory=Counter)
+    not_owned: int = 0
+    last_seen: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def ticks(self) -> int:
+        return sum(1 for out in self.outputs if out.stream == TICKS_STREAM)
+
+
+def process_batch(
+    frames: list[RawIn],
+    last_seq: dict[str, int],
+    *,
+    num_shards: int,
+    owned_shards: frozenset[int],
+    now_ns: int,
+) -> BatchResult:
+    """Normalize ``frames`` in order against ``last_seq`` (not modified)."""
+    result = BatchResult()
+    staged = result.staged
+    for frame in frames:
+        product = product_of_raw(frame.subject)
+        if product is not None and shard_of(product, num_shards) not in owned_shards:
+            result.not_owned += 1
+            continue
+        headers = frame.headers or {}
+        recv_ns = _recv_ns(headers, now_ns)
+        try:
+            if product is None:
+                raise ProductMismatchError(f"subject {frame.subject!r} names no product")
+            decoded = decode_frame(frame.data)
+            if isinstance(decoded, CoinbaseTicker):
+                result.frames_in["ticker"] += 1
+                tick = ticker_to_tick(decoded, product, recv_ns, resync=HDR_RESYNC in headers)
+            else:
+                # heartbeats and matches feed liveness only; they are not ticks
+                result.frames_in[_TYPE_NAMES[type(decoded)]] += 1
+                require_product(decoded, product)
+                result.last_seen[product] = recv_ns
+                continue
+        except RejectedFrameError as exc:
+            result.frames_in["rejected"] += 1
+            result.dead_letters[exc.reason] += 1
+            result.outputs.append(_dead_letter(frame, exc))
+            continue
+        result.last_seen[product] = recv_ns
+        previous = staged.get(product, last_seq.get(product, -1))
+        if tick.seq <= previous:
+            result.dropped["duplicate" if tick.seq == previous else "stale"] += 1
+            continue
+        staged[product] = tick.seq
+        result.outputs.append(
+            Output(
+                stream=TICKS_STREAM,
+                subject=tick_subject(product, num_shards),
+                payload=encode_tick(tick),
+                msg_id=f"tick:coinbase:{product}:{tick.seq}",
+                headers=None,
+                product=product,
+                seq=tick.seq,
+            )
+        )
+    return result
+
+
+def _recv_ns(headers: dict[str, str], now_ns: int) -> int:
+    value = headers.get(HDR_RECV_NS)
+    if value is not None and value.isdigit():
+        return int(value)
+    return now_ns
+
+
+def _dead_letter(frame: RawIn, exc: RejectedFrameError) -> Output:
+    return Output(
+        stream=DLQ_STREAM,
+        subject=dlq_subject(exc.reason),
+        payload=frame.data,
+        # the raw stream sequence makes a retried dead letter idempotent too
+        msg_id=f"dlq:raw:{frame.stream_seq}",
+        headers={
+            HDR_DLQ_REASON: exc.reason,
+            HDR_DLQ_ERROR: str(exc)[:512],
+            HDR_DLQ_SUBJECT: frame.subject,
+        },
+    )

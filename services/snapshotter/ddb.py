@@ -1,0 +1,147 @@
+"""Latest tick per product in DynamoDB: one item per product, ``seq`` only moves forward.
+
+Item: ``product`` (S, partition key), ``seq`` (N), ``tick`` (S, the canonical JSON
+verbatim, so decimals stay exact), ``price``/``time`` (S) for humans and
+``stream_seq`` (N, the MD_TICKS sequence of that tick).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from dataclasses import dataclass
+
+from botocore.exceptions import BotoCoreError, ClientError
+from types_aiobotocore_dynamodb import DynamoDBClient
+
+from services.common.logging import get_logger
+from services.snapshotter import metrics
+from services.snapshotter.errors import TableSchemaError
+
+log = get_logger(__name__)
+
+_RETRYABLE_CODES = frozenset(
+    {
+        "ProvisionedThroughputExceededException",
+        "ThrottlingException",
+        "RequestLimitExceeded",
+        "InternalServerError",
+        "ServiceUnavailable",
+    }
+)
+
+
+@dataclass(slots=True, frozen=True)
+class LatestTick:
+    product: str
+    seq: int
+    tick_json: str
+    price: str
+    time: str
+    stream_seq: int
+
+
+async def ensure_table(ddb: DynamoDBClient, table: str, *, create: bool) -> None:
+    """Create the table if missing (when allowed); refuse one with another key schema."""
+    try:
+        described = await ddb.describe_table(TableName=table)
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") != "ResourceNotFoundException" or not create:
+            raise
+        log.info("ddb_table_creating", table=table)
+        try:
+            await ddb.create_table(
+                TableName=table,
+                KeySchema=[{"AttributeName": "product", "KeyType": "HASH"}],
+                AttributeDefinitions=[{"AttributeName": "product", "AttributeType": "S"}],
+                BillingMode="PAY_PER_REQUEST",
+            )
+        except ClientError as create_exc:
+            if create_exc.response.get("Error", {}).get("Code") != "ResourceInUseException":
+                raise  # another replica creating it at the same moment is fine
+        waiter = ddb.get_waiter("table_exists")
+        await waiter.wait(TableName=table, WaiterConfig={"Delay": 1, "MaxAttempts": 60})
+        return
+    key_schema = described["Table"].get("KeySchema", [])
+    if [(k["AttributeName"], k["KeyType"]) for k in key_schema] != [("product", "HASH")]:
+        raise TableSchemaError(table, key_schema)
+
+
+class LatestWriter:
+    """Conditional, bounded-concurrency, retried writes of the latest tick per product."""
+
+    def __init__(self, ddb: DynamoDBClient, table: str, max_concurrency: int) -> None:
+        self.ddb = ddb
+        self.table = table
+        self._slots = asyncio.Semaphore(max_concurrency)
+
+    async def write_all(self, latest: list[LatestTick], stop: asyncio.Event) -> bool:
+        """Write every item (retrying errors); ``False`` if ``stop`` came first."""
+        results = await asyncio.gather(*(self._write_retrying(item, stop) for item in latest))
+        return all(results)
+
+    async def _write_retrying(self, item: LatestTick, stop: asyncio.Event) -> bool:
+        backoff = 0.05
+        while True:
+            try:
+                async with self._slots:
+                    await self._write(item)
+            except ClientError as exc:
+                code = exc.response.get("Error", {}).get("Code", "unknown")
+                if code == "ConditionalCheckFailedException":
+                    # a newer (or the same) tick is already stored: nothing to do
+                    metrics.DDB_WRITES.labels(outcome="not_newer").inc()
+                    return True
+                kind = "throttled" if code in _RETRYABLE_CODES else code
+                metrics.ERRORS.labels(kind=f"ddb_{kind}").inc()
+                log.warning("ddb_write_retry", product=item.product, code=code, backoff_s=backoff)
+            except (BotoCoreError, OSError) as exc:
+                metrics.ERRORS.labels(kind="ddb_unreachable").inc()
+                log.warning(
+                    "ddb_write_retry", product=item.product, error=repr(exc), backoff_s=backoff
+                )
+            else:
+                metrics.DDB_WRITES.labels(outcome="written").inc()
+                return True
+            if stop.is_set():
+                return False
+            await asyncio.sleep(backoff * (0.5 + random.random()))
+            backoff = min(backoff * 2, 5.0)
+
+    async def _write(self, item: LatestTick) -> None:
+        started = time.perf_counter()
+        await self.ddb.update_item(
+            TableName=self.table,
+            Key={"product": {"S": item.product}},
+            UpdateExpression="SET #seq = :seq, #tick = :tick, #price = :price, #time = :time, "
+            "#stream_seq = :stream_seq, #updated_ns = :updated_ns",
+            ConditionExpression="attribute_not_exists(#seq) OR #seq < :seq",
+            ExpressionAttributeNames={
+                "#seq": "seq",
+                "#tick": "tick",
+                "#price": "price",
+                "#time": "time",
+                "#stream_seq": "stream_seq",
+                "#updated_ns": "updated_ns",
+            },
+            ExpressionAttributeValues={
+                ":seq": {"N": str(item.seq)},
+                ":tick": {"S": item.tick_json},
+                ":price": {"S": item.price},
+                ":time": {"S": item.time},
+                ":stream_seq": {"N": str(item.stream_seq)},
+                ":updated_ns": {"N": str(time.time_ns())},
+            },
+        )
+        metrics.DDB_WRITE_SECONDS.observe(time.perf_counter() - started)
+
+
+async def read_latest(ddb: DynamoDBClient, table: str) -> dict[str, str]:
+    """Every product's stored tick JSON (a full scan: for verify, tests and tools)."""
+    out: dict[str, str] = {}
+    paginator = ddb.get_paginator("scan")
+    async for page in paginator.paginate(TableName=table, ConsistentRead=True):
+        for item in page.get("Items", []):
+            out[item["product"]["S"]] = item["tick"]["S"]
+    return out

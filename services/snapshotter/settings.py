@@ -1,0 +1,60 @@
+"""Snapshotter settings."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import NoDecode
+
+from services.common.settings import CommonSettings, split_csv
+
+
+class SnapshotterSettings(CommonSettings):
+    ddb_table: str = Field(default="ledgerflux-latest", min_length=3, max_length=255)
+    ddb_endpoint_url: str | None = Field(
+        default=None, description="DynamoDB Local URL; unset = AWS endpoint of AWS_REGION"
+    )
+    ddb_create_table: bool = True
+    ddb_max_concurrency: int = Field(default=32, ge=1, le=1024)
+    s3_bucket: str = Field(default="ledgerflux-snapshots", min_length=3, max_length=63)
+    s3_endpoint_url: str | None = Field(
+        default=None, description="S3-compatible URL (MinIO, SeaweedFS); unset = AWS S3"
+    )
+    aws_region: str = "us-east-1"
+    snapshot_period_ms: int = Field(default=5_000, gt=0)
+    snapshotter_shards: Annotated[list[int] | None, NoDecode] = Field(
+        default=None, description="Shards this replica owns (e.g. 0,1); all when unset"
+    )
+    fetch_batch: int = Field(default=5_000, ge=1, le=100_000)
+    fetch_timeout_s: float = Field(default=0.5, gt=0)
+    max_ack_pending: int = Field(default=50_000, ge=1)
+    metrics_port: int = Field(default=9103, ge=0, le=65535)
+
+    @field_validator("snapshotter_shards", mode="before")
+    @classmethod
+    def _split(cls, value: object) -> object:
+        if value in ("", "all", None):
+            return None
+        return split_csv(value)
+
+    @model_validator(mode="after")
+    def _shards_in_range(self) -> SnapshotterSettings:
+        if self.snapshotter_shards is not None:
+            bad = [s for s in self.snapshotter_shards if not 0 <= s < self.num_shards]
+            if bad or not self.snapshotter_shards:
+                raise ValueError(
+                    f"SNAPSHOTTER_SHARDS must be within 0..{self.num_shards - 1} (got {bad})"
+                )
+            self.snapshotter_shards = sorted(set(self.snapshotter_shards))
+        return self
+
+    @property
+    def owned_shards(self) -> frozenset[int]:
+        return frozenset(self.snapshotter_shards or range(self.num_shards))
+
+    @property
+    def durable_name(self) -> str:
+        if self.snapshotter_shards is None or len(self.owned_shards) == self.num_shards:
+            return "snapshotter"
+        return "snapshotter-s" + "-".join(str(s) for s in sorted(self.owned_shards))
