@@ -35,7 +35,11 @@ class CommonSettings(BaseSettings):
     """Settings every service shares."""
 
     model_config = SettingsConfigDict(
-        env_file=".env", env_file_encoding="utf-8", extra="ignore", validate_default=True
+        env_file=".env",
+        env_file_encoding="utf-8",
+        env_ignore_empty=True,
+        extra="ignore",
+        validate_default=True,
     )
 
     log_level: LogLevel = "INFO"

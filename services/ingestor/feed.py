@@ -172,7 +172,7 @@ async def run_feed(
         try:
             async with websockets.connect(
                 settings.coinbase_ws_url,
-                max_size=settings.ws_max_frame_bytes,
+                max_size=settings.feed_max_frame_bytes,
                 open_timeout=10,
                 close_timeout=2,
                 ping_interval=20,

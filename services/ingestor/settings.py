@@ -23,7 +23,7 @@ class IngestorSettings(CommonSettings):
     reconnect_max_s: float = Field(default=30.0, gt=0)
     ingest_buffer_max: int = Field(default=100_000, ge=100)
     publish_batch_max: int = Field(default=1024, ge=1)
-    ws_max_frame_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    feed_max_frame_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     record: str | None = None
     record_max_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)
     metrics_port: int = Field(default=9101, ge=0, le=65535)

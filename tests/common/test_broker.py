@@ -1,0 +1,86 @@
+"""The broker abstraction against a real nats-server with JetStream."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import nats
+import pytest
+from nats.aio.client import Client as NATS
+
+from services.common import broker
+from services.common.errors import BrokerError
+from services.common.settings import CommonSettings
+from services.common.subjects import DLQ_STREAM, RAW_STREAM, TICKS_STREAM
+from services.devstack.servers import NatsServer
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+async def nc(nats_server: NatsServer) -> AsyncIterator[NATS]:
+    client = await nats.connect(nats_server.url)
+    yield client
+    await client.close()
+
+
+def settings_for(server: NatsServer, **overrides: object) -> CommonSettings:
+    return CommonSettings(nats_urls=[server.url], **overrides)  # type: ignore[arg-type]
+
+
+async def test_stream_creation_is_idempotent(nats_server: NatsServer, nc: NATS) -> None:
+    """ensure_streams twice leaves the three streams as configured, and applies a change."""
+    js = nc.jetstream()
+    settings = settings_for(nats_server)
+    await broker.ensure_streams(js, settings)
+    await broker.ensure_streams(js, settings)
+    names = {info.config.name for info in await js.streams_info()}
+    assert names == {RAW_STREAM, TICKS_STREAM, DLQ_STREAM}
+    raw = await js.stream_info(RAW_STREAM)
+    assert raw.config.subjects == ["md.raw.>"]
+    assert raw.config.duplicate_window == pytest.approx(120)
+
+    changed = settings_for(nats_server, raw_max_age_s=3600)
+    await broker.ensure_streams(js, changed)
+    assert (await js.stream_info(RAW_STREAM)).config.max_age == pytest.approx(3600)
+
+
+async def test_repeated_msg_id_is_stored_once(nats_server: NatsServer, nc: NATS) -> None:
+    """Two publishes with one Nats-Msg-Id: one stored message, the second ack is a duplicate."""
+    settings = settings_for(nats_server)
+    publisher = broker.Publisher(nc, settings)
+    await broker.ensure_streams(publisher.js, settings)
+    first = await publisher.publish(RAW_STREAM, "md.raw.coinbase.BTC-USD", b"{}", msg_id="m-1")
+    second = await publisher.publish(RAW_STREAM, "md.raw.coinbase.BTC-USD", b"{}", msg_id="m-1")
+    third = await publisher.publish(RAW_STREAM, "md.raw.coinbase.BTC-USD", b"{}", msg_id="m-2")
+    acks = await publisher.wait([first, second, third])
+    assert [bool(ack.duplicate) for ack in acks] == [False, True, False]
+    assert (await publisher.js.stream_info(RAW_STREAM)).state.messages == 2
+
+
+async def test_publisher_pipelines_a_window(nats_server: NatsServer, nc: NATS) -> None:
+    """Thousands of publishes in flight resolve together, all stored, in order."""
+    settings = settings_for(nats_server, publish_max_in_flight=256)
+    publisher = broker.Publisher(nc, settings)
+    await broker.ensure_streams(publisher.js, settings)
+    pending = [
+        await publisher.publish(
+            RAW_STREAM, "md.raw.coinbase.ETH-USD", str(i).encode(), msg_id=f"e{i}"
+        )
+        for i in range(2000)
+    ]
+    acks = await publisher.wait(pending)
+    assert [ack.seq for ack in acks] == list(range(1, 2001))
+    sub = await broker.durable_pull(
+        publisher.js, stream=RAW_STREAM, durable="check", filter_subjects=["md.raw.>"]
+    )
+    msgs = await broker.fetch_batch(sub, 2000, 2.0)
+    assert [int(m.data) for m in msgs] == list(range(len(msgs)))
+
+
+async def test_publish_to_a_missing_stream_fails_loudly(nats_server: NatsServer, nc: NATS) -> None:
+    """A publish nobody stores raises instead of being counted as durable."""
+    publisher = broker.Publisher(nc, settings_for(nats_server, publish_ack_timeout_s=1.0))
+    pending = await publisher.publish(RAW_STREAM, "nowhere.at.all", b"x")
+    with pytest.raises(BrokerError):
+        await publisher.wait([pending])
