@@ -276,7 +276,12 @@ async def fetch_batch(
     """Up to ``batch`` messages, or ``[]`` when none arrived within ``timeout_s``."""
     try:
         return await sub.fetch(batch, timeout=timeout_s)
-    except nats.errors.TimeoutError:
+    except TimeoutError:  # nats-py raises both its own and asyncio's TimeoutError here
+        return []
+    except nats.errors.Error as exc:
+        # NATS away or reconnecting: the consumer loop just asks again a little later
+        log.warning("fetch_failed", error=repr(exc))
+        await asyncio.sleep(timeout_s)
         return []
 
 

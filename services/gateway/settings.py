@@ -18,8 +18,8 @@ class GatewaySettings(CommonSettings):
         default=["BTC-USD", "ETH-USD"],
         description="Products served before they are seen on MD_TICKS",
     )
-    ws_max_msgs_per_sec: float = Field(default=100.0, gt=0, description="Outbound refill rate")
-    ws_burst: int = Field(default=200, ge=1, description="Outbound token bucket capacity")
+    ws_max_msgs_per_sec: float = Field(default=1000.0, gt=0, description="Outbound refill rate")
+    ws_burst: int = Field(default=2000, ge=1, description="Outbound token bucket capacity")
     ws_max_frame_bytes: int = Field(default=64 * 1024, ge=256)
     ws_max_connections: int = Field(default=10_000, ge=1)
     ws_max_subscriptions: int = Field(default=100, ge=1)
