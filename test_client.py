@@ -14,13 +14,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-import websockets
-from websockets.exceptions import ConnectionClosed
+try:
+    import websockets
+    from websockets.exceptions import ConnectionClosed
+except ModuleNotFoundError:  # started by a Python outside the project: rerun in its venv
+    _venv = Path(__file__).resolve().with_name(".venv")
+    if (_venv / "bin" / "python").exists() and Path(sys.prefix).resolve() != _venv.resolve():
+        os.execv(_venv / "bin" / "python", [str(_venv / "bin" / "python"), *sys.argv])
+    sys.exit("test_client.py needs the project's environment: run `make install` first")
 
 
 @dataclass
