@@ -249,12 +249,18 @@ async def durable_pull(
     filter_subjects: list[str],
     max_ack_pending: int = 20_000,
     ack_wait_s: float = 30.0,
-    ack_policy: AckPolicy = AckPolicy.EXPLICIT,
 ) -> JetStreamContext.PullSubscription:
-    """Bind to (or create) a durable pull consumer; its config follows ours on restart."""
+    """Bind to a durable pull consumer, creating it or rewinding it first when needed.
+
+    A consumer left with un-acked messages (its last owner crashed) or with another filter
+    is recreated to start right after its ack floor: the new owner then receives the
+    un-acked messages *first and in order*, instead of after ``ack_wait`` behind newer ones
+    (which an order-keeping consumer would have to drop as stale). One live owner per
+    durable is the design (a replica per shard set), so rewinding cannot steal work.
+    """
     config = ConsumerConfig(
         durable_name=durable,
-        ack_policy=ack_policy,
+        ack_policy=AckPolicy.EXPLICIT,
         ack_wait=ack_wait_s,
         max_ack_pending=max_ack_pending,
         deliver_policy=DeliverPolicy.ALL,
@@ -263,10 +269,39 @@ async def durable_pull(
         max_waiting=64,
     )
     try:
-        await js.add_consumer(stream, config)
-    except nats.js.errors.BadRequestError as exc:
-        # An existing durable with another filter must not silently keep its old one.
-        raise StreamConfigError(stream, f"consumer {durable}: {exc.description}") from exc
+        info = await js.consumer_info(stream, durable)
+    except nats.js.errors.NotFoundError:
+        info = None
+    if info is not None:
+        current = info.config
+        current_filters = current.filter_subjects or (
+            [current.filter_subject] if current.filter_subject else []
+        )
+        changed = (
+            sorted(current_filters) != sorted(filter_subjects)
+            or current.max_ack_pending != max_ack_pending
+            or current.ack_wait != ack_wait_s
+        )
+        if info.num_ack_pending or changed:
+            floor = info.ack_floor.stream_seq if info.ack_floor else 0
+            log.warning(
+                "consumer_rewound",
+                stream=stream,
+                consumer=durable,
+                from_stream_seq=floor + 1,
+                unacked=info.num_ack_pending,
+                config_changed=changed,
+            )
+            await js.delete_consumer(stream, durable)
+            if floor:
+                config.deliver_policy = DeliverPolicy.BY_START_SEQUENCE
+                config.opt_start_seq = floor + 1
+            info = None
+    if info is None:
+        try:
+            await js.add_consumer(stream, config)
+        except nats.js.errors.BadRequestError as exc:
+            raise StreamConfigError(stream, f"consumer {durable}: {exc.description}") from exc
     return await js.pull_subscribe_bind(durable=durable, stream=stream)
 
 

@@ -32,7 +32,10 @@ async def main(settings: NormalizerSettings, stop: asyncio.Event) -> None:
             stream=RAW_STREAM,
             durable=durable,
             filter_subjects=[RAW_WILDCARD],
-            max_ack_pending=settings.max_ack_pending,
+            # one batch in flight at a time: a delivery lost in transit is redelivered
+            # before anything newer, so per-product order never has to drop it as stale
+            max_ack_pending=settings.fetch_batch,
+            ack_wait_s=settings.ack_wait_s,
         )
         subs.append(sub)
         log.info("normalizer_started", durable=durable, shards=sorted(settings.owned_shards))

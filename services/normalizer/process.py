@@ -99,12 +99,12 @@ def process_batch(
                 raise ProductMismatchError(f"subject {frame.subject!r} names no product")
             decoded = decode_frame(frame.data)
             if isinstance(decoded, CoinbaseTicker):
-                result.frames_in["ticker"] += 1
                 tick = ticker_to_tick(decoded, product, recv_ns, resync=HDR_RESYNC in headers)
+                result.frames_in["ticker"] += 1
             else:
                 # heartbeats and matches feed liveness only; they are not ticks
-                result.frames_in[_TYPE_NAMES[type(decoded)]] += 1
                 require_product(decoded, product)
+                result.frames_in[_TYPE_NAMES[type(decoded)]] += 1
                 result.last_seen[product] = recv_ns
                 continue
         except RejectedFrameError as exc:

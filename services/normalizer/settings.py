@@ -16,7 +16,7 @@ class NormalizerSettings(CommonSettings):
     )
     fetch_batch: int = Field(default=1024, ge=1, le=100_000)
     fetch_timeout_s: float = Field(default=0.5, gt=0)
-    max_ack_pending: int = Field(default=20_000, ge=1)
+    ack_wait_s: float = Field(default=10.0, gt=0, description="Redelivery after this long")
     metrics_port: int = Field(default=9102, ge=0, le=65535)
 
     @field_validator("normalizer_shards", mode="before")

@@ -25,6 +25,11 @@ class ServiceProcess:
         self.args = args or []
         self.env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
         self.log_path = log_dir / f"{name}.log"
+        index = 1
+        while self.log_path.exists():  # a restarted service gets a log of its own
+            index += 1
+            self.log_path = log_dir / f"{name}-{index}.log"
+        self.log_path.touch()
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> ServiceProcess:
