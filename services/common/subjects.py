@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import zlib
+from functools import lru_cache
 
 RAW_STREAM = "MD_RAW"
 TICKS_STREAM = "MD_TICKS"
@@ -24,15 +25,18 @@ HDR_DLQ_SUBJECT = "Ledgerflux-Dlq-Subject"
 HDR_RESYNC = "Ledgerflux-Resync"
 
 
+@lru_cache(maxsize=65_536)
 def shard_of(product: str, num_shards: int) -> int:
     """``zlib.crc32(product) % NUM_SHARDS``: anyone can compute where a product lives."""
     return zlib.crc32(product.encode()) % num_shards
 
 
+@lru_cache(maxsize=65_536)
 def raw_subject(product: str) -> str:
     return RAW_PREFIX + product
 
 
+@lru_cache(maxsize=65_536)
 def tick_subject(product: str, num_shards: int) -> str:
     return f"{TICKS_PREFIX}{shard_of(product, num_shards)}.{product}"
 
@@ -43,7 +47,9 @@ def dlq_subject(reason: str) -> str:
 
 def product_of_raw(subject: str) -> str | None:
     """The product of an ``md.raw.coinbase.<product>`` subject, or ``None``."""
-    return subject[len(RAW_PREFIX) :] or None if subject.startswith(RAW_PREFIX) else None
+    if not subject.startswith(RAW_PREFIX):
+        return None
+    return subject[len(RAW_PREFIX) :] or None
 
 
 def product_of_tick(subject: str) -> str | None:

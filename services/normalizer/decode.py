@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 from datetime import datetime
 from decimal import Decimal
+from functools import partial
+from operator import is_not
 from typing import Any, cast
 
 import msgspec
@@ -25,23 +27,31 @@ from services.normalizer.errors import (
     UnsupportedTypeError,
 )
 
+# Coinbase decimals: plain digits with an optional fraction, no sign or exponent.
+DECIMAL_RE = re.compile(r"[0-9]+(?:\.[0-9]+)?")
+# All decimal fields of a ticker joined by "," and checked by one regex call: ten separate
+# checks cost several times more in Python (measured in bench/normalize.py).
+_DECIMALS_RE = re.compile(r"[0-9]+(?:\.[0-9]+)?(?:,[0-9]+(?:\.[0-9]+)?)*")
+Dec = str
+_is_not_none = partial(is_not, None)
+
 
 class CoinbaseTicker(msgspec.Struct, tag_field="type", tag="ticker"):
     product_id: str
     sequence: int
-    price: str
+    price: Dec
     time: str
     trade_id: int | None = None
-    last_size: str | None = None
+    last_size: Dec | None = None
     side: str | None = None
-    best_bid: str | None = None
-    best_bid_size: str | None = None
-    best_ask: str | None = None
-    best_ask_size: str | None = None
-    open_24h: str | None = None
-    high_24h: str | None = None
-    low_24h: str | None = None
-    volume_24h: str | None = None
+    best_bid: Dec | None = None
+    best_bid_size: Dec | None = None
+    best_ask: Dec | None = None
+    best_ask_size: Dec | None = None
+    open_24h: Dec | None = None
+    high_24h: Dec | None = None
+    low_24h: Dec | None = None
+    volume_24h: Dec | None = None
 
 
 class CoinbaseHeartbeat(msgspec.Struct, tag_field="type", tag="heartbeat"):
@@ -73,9 +83,6 @@ class _TypeOnly(msgspec.Struct):
 _type_decoder = msgspec.json.Decoder(_TypeOnly)
 _KNOWN_TYPES = frozenset({"ticker", "heartbeat", "match", "last_match"})
 
-# Coinbase decimals: plain digits with an optional fraction, no sign or exponent.
-_DECIMAL = re.compile(r"\d{1,40}(?:\.\d{1,40})?")
-
 
 def decode_frame(data: bytes) -> Frame:
     """Parse a raw frame; raise a :class:`RejectedFrameError` naming the DLQ reason."""
@@ -97,9 +104,26 @@ def _classify(data: bytes, exc: msgspec.ValidationError) -> Exception:
     return SchemaError(str(exc))
 
 
-def _decimal(name: str, value: str | None) -> None:
-    if value is not None and _DECIMAL.fullmatch(value) is None:
-        raise BadDecimalError(f"{name}={value!r} is not a decimal string")
+def _check_decimals(msg: CoinbaseTicker) -> None:
+    values: list[str] = list(filter(_is_not_none, (  # type: ignore[arg-type]
+        msg.price, msg.last_size, msg.best_bid, msg.best_bid_size, msg.best_ask,
+        msg.best_ask_size, msg.open_24h, msg.high_24h, msg.low_24h, msg.volume_24h,
+    )))  # fmt: skip
+    joined = ",".join(values)
+    # the comma count proves no value smuggled in a separator of its own ("1,285.22")
+    if joined.count(",") == len(values) - 1 and _DECIMALS_RE.fullmatch(joined):
+        return
+    for name in _DECIMAL_FIELDS:  # slow path: name the culprit
+        value = getattr(msg, name)
+        if value is not None and DECIMAL_RE.fullmatch(value) is None:
+            raise BadDecimalError(f"{name}={value!r} is not a decimal string")
+    raise BadDecimalError("empty decimal string")
+
+
+_DECIMAL_FIELDS = (
+    "price", "last_size", "best_bid", "best_bid_size", "best_ask", "best_ask_size",
+    "open_24h", "high_24h", "low_24h", "volume_24h",
+)  # fmt: skip
 
 
 def check_time(value: str) -> None:
@@ -122,19 +146,10 @@ def ticker_to_tick(
         )
     if msg.sequence < 0:
         raise BadValueError(f"sequence={msg.sequence} is negative")
+    _check_decimals(msg)
     price = msg.price
-    _decimal("price", price)
     if not price.strip("0."):
         raise BadValueError(f"price={price!r} is not positive")
-    _decimal("last_size", msg.last_size)
-    _decimal("best_bid", msg.best_bid)
-    _decimal("best_bid_size", msg.best_bid_size)
-    _decimal("best_ask", msg.best_ask)
-    _decimal("best_ask_size", msg.best_ask_size)
-    _decimal("open_24h", msg.open_24h)
-    _decimal("high_24h", msg.high_24h)
-    _decimal("low_24h", msg.low_24h)
-    _decimal("volume_24h", msg.volume_24h)
     side = msg.side
     if side is not None and side != "buy" and side != "sell":
         raise BadValueError(f"side={side!r} is neither buy nor sell")
