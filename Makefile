@@ -13,11 +13,15 @@ FEED_RATE ?= 200
 FEED_FAULTS ?= gap=0.002,dup=0.002,malformed=0.0005
 FEED_PRODUCTS ?= BTC-USD,ETH-USD,SOL-USD,DOGE-USD
 LIVE ?= 0
+# Images: tag, registry prefix (e.g. ghcr.io/org/), push after build
+VERSION ?= dev
+REGISTRY ?=
+PUSH ?= false
 
 .PHONY: help install install-python install-servers demo infra-up infra-down infra-status \
 	compose-up compose-down compose-ps run-feedsim run-ingestor run-normalizer \
 	run-snapshotter run-gateway test-client lint format typecheck test test-fast \
-	docker-build-all deploy-local clean
+	validate docker-build-all deploy-local clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-18s %s\n", $$1, $$2}'
@@ -45,7 +49,7 @@ infra-down: ## stop what infra-up started
 infra-status:
 	$(RUN) python -m services.devstack status
 
-compose-up: ## infra in Docker (needs a Docker engine)
+compose-up: ## infra in Docker: NATS, Redis, DynamoDB Local, MinIO, Prometheus, Grafana
 	@command -v docker >/dev/null && docker info >/dev/null 2>&1 || { echo "compose-up needs a running Docker engine; on this machine use 'make infra-up' (embedded servers) instead"; exit 1; }
 	docker compose -f docker/docker-compose.yaml up -d
 
@@ -86,19 +90,20 @@ format:
 typecheck: ## mypy --strict
 	$(RUN) mypy
 
-test: lint typecheck ## lint, typecheck, then every test against real servers
+test: lint typecheck ## lint, typecheck, then every test against real servers (incl. make validate)
 	$(RUN) pytest $(PYTEST_ARGS)
 
 test-fast: ## tests that need no server
 	$(RUN) pytest -m "not integration" $(PYTEST_ARGS)
 
-docker-build-all: ## build every image (needs Docker)
-	@test -x docker/build-images.sh || { echo "docker/build-images.sh arrives with the operations work (issue 8)"; exit 1; }
-	./docker/build-images.sh
+validate: ## offline checks of docker/, k8s/, monitoring/, .github/ (no Docker or cluster needed)
+	bash scripts/validate.sh
+
+docker-build-all: ## build every image (needs Docker); VERSION, REGISTRY, PUSH
+	VERSION="$(VERSION)" REGISTRY="$(REGISTRY)" PUSH="$(PUSH)" ./docker/build-images.sh
 
 deploy-local: ## build images and deploy to kind/minikube (needs Docker and a cluster)
-	@command -v kubectl >/dev/null && (command -v kind >/dev/null || command -v minikube >/dev/null) || { echo "deploy-local needs kubectl and kind or minikube; neither cluster tool is installed here"; exit 1; }
-	@test -d k8s || { echo "k8s/ manifests arrive with the operations work (issue 8)"; exit 1; }
+	VERSION="$(VERSION)" REGISTRY="$(REGISTRY)" PUSH="$(PUSH)" bash scripts/deploy-local.sh
 
 clean: ## remove local state (.devstack data, caches)
 	rm -rf .devstack .pytest_cache .mypy_cache .ruff_cache

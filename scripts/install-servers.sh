@@ -7,6 +7,7 @@ need_apt=()
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
 command -v java >/dev/null 2>&1 || need_apt+=(openjdk-17-jre-headless)
 command -v npm >/dev/null 2>&1 || need_apt+=(npm)
+command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)   # promtool, for make validate
 
 if ((${#need_apt[@]})); then
   if [[ $(id -u) -ne 0 ]]; then
@@ -15,6 +16,6 @@ if ((${#need_apt[@]})); then
   fi
   echo "installing ${need_apt[*]} from Debian's packages"
   apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
 fi
 echo "servers: redis-server $(redis-server --version | awk '{print $3}'), $(java -version 2>&1 | head -1)"

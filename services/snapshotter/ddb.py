@@ -11,13 +11,16 @@ import asyncio
 import random
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from botocore.exceptions import BotoCoreError, ClientError
-from types_aiobotocore_dynamodb import DynamoDBClient
 
 from services.common.logging import get_logger
 from services.snapshotter import metrics
 from services.snapshotter.errors import TableSchemaError
+
+if TYPE_CHECKING:  # stubs are a dev dependency; the image does not ship them
+    from types_aiobotocore_dynamodb import DynamoDBClient
 
 log = get_logger(__name__)
 
