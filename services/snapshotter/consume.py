@@ -18,6 +18,7 @@ from services.common.models import decode_tick
 from services.snapshotter import metrics
 from services.snapshotter.ddb import LatestTick, LatestWriter
 from services.snapshotter.settings import SnapshotterSettings
+from services.snapshotter.state import DurableState
 
 log = get_logger(__name__)
 
@@ -26,6 +27,7 @@ async def consume(
     settings: SnapshotterSettings,
     sub: JetStreamContext.PullSubscription,
     writer: LatestWriter,
+    state: DurableState,
     stop: asyncio.Event,
 ) -> None:
     while not stop.is_set():
@@ -51,8 +53,12 @@ async def consume(
                     stream_seq=msg.metadata.sequence.stream,
                 )
         metrics.TICKS_IN.inc(len(msgs))
-        if not await writer.write_all(list(latest.values()), stop):
+        written = list(latest.values())
+        if not await writer.write_all(written, stop):
             log.warning("batch_abandoned_on_stop", ticks=len(msgs))
             return  # not acked: redelivered to whoever consumes next
         for msg in msgs:
             await msg.ack()
+        if written:
+            metrics.COALESCE_RATIO.set(len(msgs) / len(written))
+        state.apply(written, max(m.metadata.sequence.stream for m in msgs))

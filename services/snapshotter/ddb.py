@@ -140,11 +140,29 @@ class LatestWriter:
         metrics.DDB_WRITE_SECONDS.observe(time.perf_counter() - started)
 
 
-async def read_latest(ddb: DynamoDBClient, table: str) -> dict[str, str]:
-    """Every product's stored tick JSON (a full scan: for verify, tests and tools)."""
-    out: dict[str, str] = {}
+async def read_latest(ddb: DynamoDBClient, table: str) -> dict[str, LatestTick]:
+    """Every product's stored latest tick (a full, consistent scan)."""
+    out: dict[str, LatestTick] = {}
     paginator = ddb.get_paginator("scan")
     async for page in paginator.paginate(TableName=table, ConsistentRead=True):
         for item in page.get("Items", []):
-            out[item["product"]["S"]] = item["tick"]["S"]
+            out[item["product"]["S"]] = LatestTick(
+                product=item["product"]["S"],
+                seq=int(item["seq"]["N"]),
+                tick_json=item["tick"]["S"],
+                price=item["price"]["S"],
+                time=item["time"]["S"],
+                stream_seq=int(item.get("stream_seq", {}).get("N", "0")),
+            )
     return out
+
+
+async def delete_all(ddb: DynamoDBClient, table: str) -> int:
+    """Remove every item (restore starts from an empty table); returns how many."""
+    deleted = 0
+    paginator = ddb.get_paginator("scan")
+    async for page in paginator.paginate(TableName=table, ProjectionExpression="product"):
+        for item in page.get("Items", []):
+            await ddb.delete_item(TableName=table, Key={"product": item["product"]})
+            deleted += 1
+    return deleted

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 from services.common.metrics import LATENCY_BUCKETS
 
@@ -18,4 +18,25 @@ DDB_WRITE_SECONDS = Histogram(
 ERRORS = Counter("ledgerflux_snapshotter_errors_total", "Errors by kind", ["kind"])
 BAD_TICKS = Counter(
     "ledgerflux_snapshotter_bad_ticks_total", "Messages on MD_TICKS that are not canonical ticks"
+)
+COALESCE_RATIO = Gauge(
+    "ledgerflux_snapshotter_coalesce_ratio", "Ticks per DynamoDB write in the last flush pass"
+)
+SNAPSHOTS = Counter("ledgerflux_snapshotter_snapshots_total", "Snapshots written to S3")
+SNAPSHOT_SECONDS = Histogram(
+    "ledgerflux_snapshotter_snapshot_seconds",
+    "Time to build, compress and upload one snapshot (object + pointer)",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+)
+SNAPSHOT_BYTES = Gauge("ledgerflux_snapshotter_snapshot_bytes", "Size of the last snapshot object")
+SNAPSHOT_PRODUCTS = Gauge(
+    "ledgerflux_snapshotter_snapshot_products", "Products in the last snapshot"
+)
+LAST_SNAPSHOT = Gauge(
+    "ledgerflux_snapshotter_last_snapshot_timestamp_seconds",
+    "Wall-clock time of the last successful snapshot (age = time() - this)",
+)
+COVERED_STREAM_SEQ = Gauge(
+    "ledgerflux_snapshotter_covered_stream_seq",
+    "MD_TICKS sequence up to which every owned tick is written to DynamoDB",
 )

@@ -23,6 +23,10 @@ class SnapshotterSettings(CommonSettings):
     )
     aws_region: str = "us-east-1"
     snapshot_period_ms: int = Field(default=5_000, gt=0)
+    snapshot_retention: int = Field(default=100, ge=1, description="Snapshots kept in S3")
+    snapshotter_durable: str | None = Field(
+        default=None, description="Consumer name override (default derives from the shards)"
+    )
     snapshotter_shards: Annotated[list[int] | None, NoDecode] = Field(
         default=None, description="Shards this replica owns (e.g. 0,1); all when unset"
     )
@@ -54,7 +58,21 @@ class SnapshotterSettings(CommonSettings):
         return frozenset(self.snapshotter_shards or range(self.num_shards))
 
     @property
+    def all_shards(self) -> bool:
+        return self.snapshotter_shards is None or len(self.owned_shards) == self.num_shards
+
+    @property
+    def shard_tag(self) -> str:
+        """``""`` for a replica owning every shard, else ``s0-1``."""
+        return "" if self.all_shards else "s" + "-".join(str(s) for s in sorted(self.owned_shards))
+
+    @property
     def durable_name(self) -> str:
-        if self.snapshotter_shards is None or len(self.owned_shards) == self.num_shards:
-            return "snapshotter"
-        return "snapshotter-s" + "-".join(str(s) for s in sorted(self.owned_shards))
+        if self.snapshotter_durable:
+            return self.snapshotter_durable
+        return "snapshotter" if self.all_shards else f"snapshotter-{self.shard_tag}"
+
+    @property
+    def snapshot_prefix(self) -> str:
+        """``snapshots/`` (DESIGN §7), or ``snapshots/s0-1/`` for a replica owning a subset."""
+        return "snapshots/" + (f"{self.shard_tag}/" if self.shard_tag else "")
