@@ -61,7 +61,7 @@ async def connect(
     """
 
     async def on_error(exc: Exception) -> None:
-        metrics.NATS_ERRORS.labels(kind=type(exc).__name__).inc()
+        metrics.NATS_ERRORS.labels(kind=metrics.nats_error_kind(exc)).inc()
         log.warning("nats_error", error=str(exc) or type(exc).__name__)
 
     async def on_disconnect() -> None:
@@ -223,7 +223,7 @@ class Publisher:
                 continue
             exc = item.future.exception()
             if exc is not None:
-                metrics.PUBLISH_ERRORS.labels(stream=item.stream, kind=type(exc).__name__).inc()
+                metrics.PUBLISH_ERRORS.labels(stream=item.stream, kind="rejected").inc()
                 first_error = first_error or exc
                 continue
             ack = item.future.result()

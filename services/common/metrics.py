@@ -31,7 +31,9 @@ PUBLISH_DUPLICATES = Counter(
     ["stream"],
 )
 PUBLISH_ERRORS = Counter(
-    "ledgerflux_publish_errors_total", "Publishes not acked by JetStream", ["stream", "kind"]
+    "ledgerflux_publish_errors_total",
+    "Publishes not acked by JetStream: kind timeout (no ack in time) or rejected (error reply)",
+    ["stream", "kind"],
 )
 PUBLISH_SECONDS = Histogram(
     "ledgerflux_publish_seconds",
@@ -50,6 +52,29 @@ CONSUMER_ACK_PENDING = Gauge(
     "Messages delivered to this durable consumer and not yet acked",
     ["stream", "consumer"],
 )
+
+
+# Every label value known in advance exists from the start at 0, so dashboards and alerts
+# see a series (and a rate of 0) before the first error rather than no data at all.
+for _stream in ("MD_RAW", "MD_TICKS", "MD_DLQ"):
+    PUBLISHED.labels(stream=_stream)
+    PUBLISH_DUPLICATES.labels(stream=_stream)
+    for _kind in ("timeout", "rejected"):
+        PUBLISH_ERRORS.labels(stream=_stream, kind=_kind)
+for _kind in ("slow_consumer", "stale_connection", "auth", "other"):
+    NATS_ERRORS.labels(kind=_kind)
+
+
+def nats_error_kind(exc: Exception) -> str:
+    """A bounded label value for a NATS client error (the full text goes to the log)."""
+    name = type(exc).__name__
+    if "SlowConsumer" in name:
+        return "slow_consumer"
+    if "Stale" in name or "Timeout" in name or "EOF" in name or isinstance(exc, OSError):
+        return "stale_connection"
+    if "Auth" in name or "Permission" in name:
+        return "auth"
+    return "other"
 
 
 def start_metrics_server(host: str, port: int) -> WSGIServer | None:

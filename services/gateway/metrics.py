@@ -28,3 +28,10 @@ BUFFER_DEPTH = Histogram(
     "Frames waiting in a client's send buffer, sampled per write",
     buckets=(0, 1, 4, 16, 64, 256, 1024, 4096),
 )
+
+# every series exists from the start (a rate of 0, not no data)
+for _code in (
+    "bad_request", "unknown_product", "rate_limited", "too_many_subscriptions",
+    "unauthorized", "backfill_unavailable",
+):  # fmt: skip
+    ERRORS_SENT.labels(code=_code)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from prometheus_client import Counter, Gauge, Histogram
 
 from services.common.metrics import LATENCY_BUCKETS
+from services.normalizer.errors import DLQ_REASONS
 
 FRAMES_IN = Counter(
     "ledgerflux_normalizer_frames_in_total", "Raw frames consumed from MD_RAW", ["type"]
@@ -36,3 +37,8 @@ LAST_SEEN = Gauge(
     "Receive time of the newest frame (ticker or heartbeat) per product",
     ["product"],
 )
+
+for _reason in DLQ_REASONS:  # every series exists from the start (a rate of 0, not no data)
+    DEAD_LETTERS.labels(reason=_reason)
+for _reason in ("duplicate", "stale"):
+    DROPPED.labels(reason=_reason)

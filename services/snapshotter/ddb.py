@@ -96,8 +96,8 @@ class LatestWriter:
                     # a newer (or the same) tick is already stored: nothing to do
                     metrics.DDB_WRITES.labels(outcome="not_newer").inc()
                     return True
-                kind = "throttled" if code in _RETRYABLE_CODES else code
-                metrics.ERRORS.labels(kind=f"ddb_{kind}").inc()
+                kind = "ddb_throttled" if code in _RETRYABLE_CODES else "ddb_error"
+                metrics.ERRORS.labels(kind=kind).inc()
                 log.warning("ddb_write_retry", product=item.product, code=code, backoff_s=backoff)
             except (BotoCoreError, OSError) as exc:
                 metrics.ERRORS.labels(kind="ddb_unreachable").inc()

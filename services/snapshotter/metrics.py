@@ -40,3 +40,9 @@ COVERED_STREAM_SEQ = Gauge(
     "ledgerflux_snapshotter_covered_stream_seq",
     "MD_TICKS sequence up to which every owned tick is written to DynamoDB",
 )
+
+# every series exists from the start (a rate of 0, not no data)
+for _kind in ("ddb_unreachable", "ddb_throttled", "ddb_error", "s3_unavailable"):
+    ERRORS.labels(kind=_kind)
+for _outcome in ("written", "not_newer"):
+    DDB_WRITES.labels(outcome=_outcome)

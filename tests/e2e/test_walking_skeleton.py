@@ -19,6 +19,8 @@ import websockets
 from services.devstack.ports import free_port
 from services.devstack.servers import NatsServer
 from services.devstack.stack import DevStack
+from tests.ops.promql import all_queries, metric_names
+from tests.ops.test_metric_names import _SUFFIXES, PROMETHEUS_BUILTINS
 from tests.support.procs import ServiceProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
@@ -42,6 +44,20 @@ async def _poll_json(url: str, timeout: float) -> Any:
             if time.monotonic() > deadline:
                 raise
             await asyncio.sleep(0.1)
+
+
+def _scraped_names(url: str) -> set[str]:
+    """Sample names a /metrics page exposes, including families with no sample yet."""
+    with urllib.request.urlopen(url, timeout=5) as response:
+        text = response.read().decode()
+    names: set[str] = set()
+    for line in text.splitlines():
+        if line.startswith("# TYPE "):
+            _, _, family, kind = line.split(" ", 3)
+            names.update(family + suffix for suffix in _SUFFIXES.get(kind, ("",)))
+        elif line and not line.startswith("#"):
+            names.add(line.split("{", 1)[0].split(" ", 1)[0])
+    return names
 
 
 async def _read_table(env: dict[str, str], table: str) -> dict[str, dict[str, Any]]:
@@ -70,6 +86,7 @@ async def test_ticks_flow_end_to_end_and_dynamodb_holds_the_last_tick(
     seq, and once the feed stops DynamoDB holds exactly the last tick feedsim emitted."""
     table = f"latest-{uuid.uuid4().hex[:8]}"
     feed_port, gateway_port = free_port(), free_port()
+    metrics_ports = {name: free_port() for name in ("ingestor", "normalizer", "snapshotter")}
     env = {
         **devstack.env(),
         "NATS_URLS": nats_server.url,
@@ -92,7 +109,9 @@ async def test_ticks_flow_end_to_end_and_dynamodb_holds_the_last_tick(
         ],
     )  # fmt: skip
     processes = {
-        name: ServiceProcess(name, env, service_logs)
+        name: ServiceProcess(
+            name, {**env, "METRICS_PORT": str(metrics_ports.get(name, 0))}, service_logs
+        )
         for name in ("normalizer", "snapshotter", "gateway", "ingestor")
     }
     spawn.extend([feedsim, *processes.values()])
@@ -152,6 +171,19 @@ async def test_ticks_flow_end_to_end_and_dynamodb_holds_the_last_tick(
 
     latest = await _poll_json(f"http://127.0.0.1:{gateway_port}/v1/ticks/BTC-USD/latest", 5)
     assert latest["seq"] == last_emitted["BTC-USD"]["sequence"]
+
+    # Dashboards and alert rules may only query metrics the running services really expose.
+    scrape_urls = [f"http://127.0.0.1:{port}/metrics" for port in metrics_ports.values()]
+    scrape_urls.append(f"http://127.0.0.1:{gateway_port}/metrics")
+    exposed = set(PROMETHEUS_BUILTINS)
+    for url in scrape_urls:
+        exposed |= await asyncio.to_thread(_scraped_names, url)
+    unknown = sorted(
+        f"{query.location()}: {name}"
+        for query in all_queries()
+        for name in metric_names(query.expr) - exposed
+    )
+    assert not unknown, "queried but not exposed by any running service:\n" + "\n".join(unknown)
 
     for name, proc in processes.items():
         assert await proc.terminate() == 0, f"{name} did not exit cleanly:\n{proc.tail()}"
