@@ -50,7 +50,7 @@ class RawIn:
     stream_seq: int
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class Output:
     stream: str
     subject: str
@@ -87,49 +87,61 @@ def process_batch(
     """Normalize ``frames`` in order against ``last_seq`` (not modified)."""
     result = BatchResult()
     staged = result.staged
+    outputs = result.outputs
+    last_seen = result.last_seen
+    frames_in = result.frames_in
+    tickers = 0  # counted locally: a Counter update per frame costs more than the check
     for frame in frames:
         product = product_of_raw(frame.subject)
         if product is not None and shard_of(product, num_shards) not in owned_shards:
             result.not_owned += 1
             continue
-        headers = frame.headers or {}
+        headers = frame.headers or _NO_HEADERS
         recv_ns = _recv_ns(headers, now_ns)
         try:
             if product is None:
                 raise ProductMismatchError(f"subject {frame.subject!r} names no product")
             decoded = decode_frame(frame.data)
-            if isinstance(decoded, CoinbaseTicker):
+            if type(decoded) is CoinbaseTicker:
                 tick = ticker_to_tick(decoded, product, recv_ns, resync=HDR_RESYNC in headers)
-                result.frames_in["ticker"] += 1
+                tickers += 1
             else:
                 # heartbeats and matches feed liveness only; they are not ticks
-                require_product(decoded, product)
-                result.frames_in[_TYPE_NAMES[type(decoded)]] += 1
-                result.last_seen[product] = recv_ns
+                require_product(decoded, product)  # type: ignore[arg-type]
+                frames_in[_TYPE_NAMES[type(decoded)]] += 1
+                last_seen[product] = recv_ns
                 continue
         except RejectedFrameError as exc:
-            result.frames_in["rejected"] += 1
+            frames_in["rejected"] += 1
             result.dead_letters[exc.reason] += 1
-            result.outputs.append(_dead_letter(frame, exc))
+            outputs.append(_dead_letter(frame, exc))
             continue
-        result.last_seen[product] = recv_ns
-        previous = staged.get(product, last_seq.get(product, -1))
-        if tick.seq <= previous:
-            result.dropped["duplicate" if tick.seq == previous else "stale"] += 1
+        last_seen[product] = recv_ns
+        seq = tick.seq
+        previous = staged.get(product)
+        if previous is None:
+            previous = last_seq.get(product, -1)
+        if seq <= previous:
+            result.dropped["duplicate" if seq == previous else "stale"] += 1
             continue
-        staged[product] = tick.seq
-        result.outputs.append(
+        staged[product] = seq
+        outputs.append(
             Output(
-                stream=TICKS_STREAM,
-                subject=tick_subject(product, num_shards),
-                payload=encode_tick(tick),
-                msg_id=f"tick:coinbase:{product}:{tick.seq}",
-                headers=None,
-                product=product,
-                seq=tick.seq,
+                TICKS_STREAM,
+                tick_subject(product, num_shards),
+                encode_tick(tick),
+                f"tick:coinbase:{product}:{seq}",
+                None,
+                product,
+                seq,
             )
         )
+    if tickers:
+        frames_in["ticker"] += tickers
     return result
+
+
+_NO_HEADERS: dict[str, str] = {}
 
 
 def _recv_ns(headers: dict[str, str], now_ns: int) -> int:
