@@ -49,6 +49,7 @@ from services.common.subjects import (
 log = get_logger(__name__)
 
 _STREAM_IN_USE = 10058  # "stream name already in use with a different configuration"
+_DRAIN_WAIT_S = 0.005  # how long a fetch waits for more once it has a first message
 
 
 async def connect(
@@ -309,8 +310,11 @@ async def fetch_batch(
     sub: JetStreamContext.PullSubscription, batch: int, timeout_s: float
 ) -> list[Msg]:
     """Up to ``batch`` messages, or ``[]`` when none arrived within ``timeout_s``."""
+    # nats-py's fetch(batch) keeps a lingering pull open until the batch is full or the
+    # timeout ends, so at low rates every message would wait up to ``timeout_s``. Instead:
+    # wait for the first message, then take what is already there without waiting.
     try:
-        return await sub.fetch(batch, timeout=timeout_s)
+        first = await sub.fetch(1, timeout=timeout_s)
     except TimeoutError:  # nats-py raises both its own and asyncio's TimeoutError here
         return []
     except nats.errors.Error as exc:
@@ -318,6 +322,12 @@ async def fetch_batch(
         log.warning("fetch_failed", error=repr(exc))
         await asyncio.sleep(timeout_s)
         return []
+    if batch <= 1:
+        return first
+    try:
+        return first + await sub.fetch(batch - 1, timeout=_DRAIN_WAIT_S)
+    except (TimeoutError, nats.errors.Error):
+        return first  # the rest comes with the next fetch
 
 
 async def report_consumer_lag(

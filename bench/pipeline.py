@@ -1,0 +1,176 @@
+"""Pipeline benchmark: feedsim → ingestor → normalizer → snapshotter + gateway → one client
+subscribed to every product, all separate processes on real servers.
+
+Reports, per fixed feed load, delivered ticks/s and end-to-end latency (client receive time
+minus the ingestor's ``recv_ns``: p50, p99, p99.9, max), whether every emitted tick arrived,
+and the sustained maximum. Baseline in the same run: raw nats-py core publish → subscribe
+of the same number of frames (what NATS alone does on this machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import nats
+
+from bench.frames import synthetic_products, ticker_frames
+from services.devstack.ports import free_port
+from services.devstack.stack import DevStack, StackPorts
+from tests.support.procs import REPO, ServiceProcess
+
+RESULTS = REPO / "bench" / "results"
+
+
+async def nats_baseline(url: str, n: int) -> float:
+    """Core pub → sub msgs/s of ``n`` ticker frames through one nats-server."""
+    frames = [data for _p, data in ticker_frames(n, synthetic_products(100))]
+    sub_nc, pub_nc = await nats.connect(url), await nats.connect(url)
+    done = asyncio.Event()
+    got = 0
+
+    async def on_msg(_msg: Any) -> None:
+        nonlocal got
+        got += 1
+        if got == n:
+            done.set()
+
+    await sub_nc.subscribe("bench.>", cb=on_msg, pending_msgs_limit=n + 1)
+    await sub_nc.flush()
+    started = time.perf_counter()
+    for i, data in enumerate(frames):
+        await pub_nc.publish("bench.x", data)
+        if i % 2000 == 0:
+            await asyncio.sleep(0)
+    await pub_nc.flush()
+    await asyncio.wait_for(done.wait(), 120)
+    elapsed = time.perf_counter() - started
+    await sub_nc.close()
+    await pub_nc.close()
+    return n / elapsed
+
+
+def _stats(port: int) -> dict[str, Any]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/sim/stats", timeout=5) as r:
+        result: dict[str, Any] = json.loads(r.read())
+        return result
+
+
+async def one_load(
+    rate: float, seconds: float, products: list[str], env: dict[str, str], feed_port: int,
+    gateway_port: int, logs: Path,
+) -> dict[str, Any]:  # fmt: skip
+    total = int(rate * seconds)
+    client = subprocess.Popen(  # noqa: ASYNC220 - started once per load, off the hot path
+        [sys.executable, "-m", "bench.client", "--url", f"ws://127.0.0.1:{gateway_port}/ws",
+         "--products", ",".join(products), "--duration", str(seconds + 30),
+         "--stop-when-idle", "3"],
+        cwd=REPO, stdout=subprocess.PIPE, text=True, env={**os.environ, **env},
+    )  # fmt: skip
+    assert client.stdout is not None
+    await asyncio.to_thread(client.stdout.readline)  # "ready"
+    feed = ServiceProcess(
+        "feedsim", {}, logs,
+        ["--host", "127.0.0.1", "--port", str(feed_port), "--products", ",".join(products),
+         "--rate", str(rate), "--max-ticks", str(total), "--wait-subscribers", "1",
+         "--compression", "none", "--seed", "3"],
+    ).start()  # fmt: skip
+    started = time.monotonic()
+    try:
+        while True:
+            try:
+                stats = await asyncio.to_thread(_stats, feed_port)
+                if stats["ticks_total"] >= total:
+                    break
+            except OSError:
+                pass
+            await asyncio.sleep(0.2)
+        feed_s = time.monotonic() - started
+        out, _ = await asyncio.to_thread(client.communicate)
+    finally:
+        await feed.terminate()
+    summary: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    summary.update(offered_rate=rate, emitted=stats["ticks_total"], feed_seconds=feed_s,
+                   delivered_per_s=summary["ticks"] / feed_s)  # fmt: skip
+    return summary
+
+
+async def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
+    products = synthetic_products(args.products)
+    stack = DevStack(root / "stack", StackPorts.free(), with_redis=False,
+                     tools_dir=REPO / ".devstack" / "tools" / "dynamodb")  # fmt: skip
+    results: dict[str, Any] = {"products": len(products), "loads": []}
+    with stack:
+        env = stack.env()
+        results["baseline_nats_pubsub_per_s"] = await nats_baseline(env["NATS_URLS"], 100_000)
+        print(
+            f"  baseline nats-py pub→sub: {results['baseline_nats_pubsub_per_s']:,.0f} msg/s",
+            flush=True,
+        )
+        feed_port, gateway_port = free_port(), free_port()
+        env |= {
+            "COINBASE_PRODUCTS": ",".join(products),
+            "COINBASE_WS_URL": f"ws://127.0.0.1:{feed_port}",
+            "COINBASE_REST_URL": f"http://127.0.0.1:{feed_port}",
+            "GATEWAY_PORT": str(gateway_port), "GATEWAY_HOST": "127.0.0.1",
+            "WS_MAX_MSGS_PER_SEC": "10000000", "WS_BURST": "10000000",
+            "WS_SEND_QUEUE": "1000000", "METRICS_PORT": "0",
+            "RECONNECT_INITIAL_S": "0.1", "RECONNECT_MAX_S": "0.5",
+        }  # fmt: skip
+        services = [ServiceProcess(n, env, root).start()
+                    for n in ("normalizer", "snapshotter", "gateway", "ingestor")]  # fmt: skip
+        try:
+            for proc, event in zip(
+                services,
+                (
+                    "normalizer_started",
+                    "snapshotter_started",
+                    "gateway_started",
+                    "ingestor_started",
+                ),
+                strict=True,
+            ):
+                await proc.wait_for_event(event, timeout=90)
+            for rate in args.rates:
+                print(f"  load {rate:,.0f} ticks/s for {args.seconds:.0f} s", flush=True)
+                results["loads"].append(
+                    await one_load(rate, args.seconds, products, env, feed_port, gateway_port, root)
+                )
+        finally:
+            for proc in services:
+                await proc.terminate(timeout=20)
+    return results
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--products", type=int, default=100)
+    parser.add_argument("--rates", type=float, nargs="+", default=[1000, 5000, 20000, 1e6])
+    parser.add_argument("--seconds", type=float, default=10)
+    args = parser.parse_args()
+    print("pipeline benchmark", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        results = asyncio.run(run(args, Path(tmp)))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "pipeline.json").write_text(json.dumps(results, indent=2))
+    print(f"\n{'offered/s':>10}{'delivered/s':>12}{'emitted':>9}{'received':>9}"
+          f"{'p50 ms':>8}{'p99 ms':>8}{'p99.9':>8}{'max':>8}")  # fmt: skip
+    for load in results["loads"]:
+        print(f"{load['offered_rate']:>10,.0f}{load['delivered_per_s']:>12,.0f}{load['emitted']:>9}"
+              f"{load['ticks']:>9}{load['p50_ms'] or 0:>8.2f}{load['p99_ms'] or 0:>8.2f}"
+              f"{load['p999_ms'] or 0:>8.2f}{load['max_ms'] or 0:>8.1f}")  # fmt: skip
+    print(f"baseline nats-py core pub→sub: {results['baseline_nats_pubsub_per_s']:,.0f} msg/s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
