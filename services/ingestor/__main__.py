@@ -9,9 +9,13 @@ from pathlib import Path
 from services.common import broker
 from services.common.lifecycle import run_service
 from services.common.logging import get_logger
+from services.ingestor import metrics
 from services.ingestor.feed import FeedSession, run_feed
 from services.ingestor.publish import OutboundBuffer, publish_loop
 from services.ingestor.record import Recorder
+from services.ingestor.rest import RestClient
+from services.ingestor.resync import Resyncer
+from services.ingestor.sequences import SequenceTracker
 from services.ingestor.settings import IngestorSettings
 
 log = get_logger(__name__)
@@ -25,8 +29,17 @@ async def main(settings: IngestorSettings, stop: asyncio.Event) -> None:
     try:
         publisher = broker.Publisher(nc, settings)
         await broker.ensure_streams(publisher.js, settings)
+        metrics.init_products(settings.coinbase_products)
         buffer = OutboundBuffer(maxlen=settings.ingest_buffer_max)
-        session = FeedSession(settings, buffer, recorder)
+        tracker = SequenceTracker()
+        rest = RestClient(
+            settings.coinbase_rest_url,
+            timeout_s=settings.coinbase_rest_timeout_s,
+            rate=settings.coinbase_rest_rate_per_s,
+            burst=settings.coinbase_rest_burst,
+        )
+        resyncer = Resyncer(tracker, buffer, rest, max_attempts=settings.resync_max_attempts)
+        session = FeedSession(settings, buffer, recorder, tracker=tracker, resyncer=resyncer)
         log.info(
             "ingestor_started",
             url=settings.coinbase_ws_url,
@@ -35,6 +48,7 @@ async def main(settings: IngestorSettings, stop: asyncio.Event) -> None:
         )
         async with asyncio.TaskGroup() as tg:
             tg.create_task(run_feed(settings, session, stop))
+            tg.create_task(resyncer.run(stop))
             tg.create_task(
                 publish_loop(
                     publisher,
@@ -42,6 +56,7 @@ async def main(settings: IngestorSettings, stop: asyncio.Event) -> None:
                     batch_max=settings.publish_batch_max,
                     stop=stop,
                     drain_timeout_s=settings.drain_timeout_s,
+                    on_drops_recovered=resyncer.on_buffer_drops,
                 )
             )
     finally:

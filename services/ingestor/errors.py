@@ -20,3 +20,32 @@ class FeedClosedError(IngestorError):
         self.code = code
         self.reason = reason
         super().__init__(f"feed closed the connection (code={code}, reason={reason!r})")
+
+
+class RestError(IngestorError):
+    """The REST ticker could not be fetched; the resync is retried later."""
+
+
+class RestRateLimitedError(RestError):
+    def __init__(self, retry_after_s: float | None) -> None:
+        self.retry_after_s = retry_after_s
+        super().__init__(f"REST rate limited (429), retry after {retry_after_s}s")
+
+
+class RestStatusError(RestError):
+    def __init__(self, url: str, status: int) -> None:
+        self.url = url
+        self.status = status
+        super().__init__(f"GET {url} answered HTTP {status}")
+
+
+class RestUnavailableError(RestError):
+    def __init__(self, url: str, error: str) -> None:
+        self.url = url
+        super().__init__(f"GET {url} failed: {error}")
+
+
+class RestBadResponseError(RestError):
+    def __init__(self, url: str, error: str) -> None:
+        self.url = url
+        super().__init__(f"GET {url}: unexpected body: {error}")

@@ -10,10 +10,12 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+import zlib
 from collections.abc import Callable
 
 import orjson
 import websockets
+from structlog.contextvars import bound_contextvars
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
@@ -32,7 +34,10 @@ from services.ingestor.errors import FeedClosedError, FeedStalledError
 from services.ingestor.frames import RawFrame, UnparseableFrameError, parse_frame
 from services.ingestor.publish import OutboundBuffer, Outgoing
 from services.ingestor.record import Recorder
+from services.ingestor.resync import Resyncer
+from services.ingestor.sequences import Gap, SequenceTracker
 from services.ingestor.settings import IngestorSettings
+from services.ingestor.staleness import StalenessWatch
 
 log = get_logger(__name__)
 
@@ -53,21 +58,64 @@ def subscribe_message(settings: IngestorSettings) -> bytes:
 
 
 class FeedSession:
-    """Reads one connection into the outbound buffer."""
+    """Reads connections into the outbound buffer, checking each product's sequences.
+
+    Outlives a connection: sequence state carries over reconnects, so the first heartbeat
+    after one tells whether ticks were missed while away.
+    """
 
     def __init__(
         self,
         settings: IngestorSettings,
         buffer: OutboundBuffer,
         recorder: Recorder | None,
+        *,
+        tracker: SequenceTracker | None = None,
+        resyncer: Resyncer | None = None,
         clock_ns: Callable[[], int] = time.time_ns,
     ) -> None:
         self.settings = settings
         self.buffer = buffer
         self.recorder = recorder
+        self.tracker = tracker if tracker is not None else SequenceTracker()
+        self.resyncer = resyncer
         self.clock_ns = clock_ns
         self.last_seen: dict[str, float] = {}
         self._reported_errors: set[str] = set()
+        # Without heartbeats a quiet product is silent by nature: nothing to watch then.
+        self.staleness = (
+            StalenessWatch(settings.coinbase_products, settings.watchdog_timeout_s)
+            if "heartbeat" in settings.coinbase_channels
+            else None
+        )
+
+    def begin(self) -> None:
+        """A connection was opened and the subscription sent."""
+        self.tracker.new_session()
+        if self.staleness is not None:
+            self.staleness.start_session(time.monotonic())
+            metrics.PRODUCTS_STALE.set(0)
+
+    async def watch_products(self) -> None:
+        """Run the per-product watchdog for the current connection (cancelled with it)."""
+        if self.staleness is None:
+            return
+        period = min(1.0, self.settings.watchdog_timeout_s / 4)
+        while True:
+            await asyncio.sleep(period)
+            try:
+                self.check_stale(time.monotonic())
+            except Exception:  # a watchdog bug must not end the session
+                log.exception("product_watchdog_failed")
+
+    def check_stale(self, now: float) -> None:
+        assert self.staleness is not None
+        for product in self.staleness.check(now):
+            with bound_contextvars(product=product):
+                log.warning("product_stale", timeout_s=self.settings.watchdog_timeout_s)
+                if self.resyncer is not None:
+                    self.resyncer.request(product, "stale")
+        metrics.PRODUCTS_STALE.set(len(self.staleness.stale))
 
     async def read(self, ws: ClientConnection) -> None:
         """Read frames until the connection ends; raise why it ended."""
@@ -94,15 +142,31 @@ class FeedSession:
             self._dead_letter(data, recv_ns, "unparseable", str(exc))
             return
         if frame.type in _CONTROL_TYPES:
+            if self.staleness is not None:
+                self.staleness.seen_other(time.monotonic())
             self._on_control(frame)
             return
         if frame.product is None:
             self._dead_letter(data, recv_ns, "unparseable", "frame has no product_id")
             return
-        metrics.FRAMES_RECEIVED.labels(product=frame.product, type=frame.type or "none").inc()
+        product = frame.product
+        metrics.FRAMES_RECEIVED.labels(product=product, type=frame.type or "none").inc()
         now = recv_ns / 1e9
-        self.last_seen[frame.product] = now
-        metrics.LAST_MESSAGE.labels(product=frame.product).set(now)
+        self.last_seen[product] = now
+        metrics.LAST_MESSAGE.labels(product=product).set(now)
+        if self.staleness is not None and self.staleness.seen(product, time.monotonic()):
+            log.info("product_recovered", product=product)
+            metrics.PRODUCTS_STALE.set(len(self.staleness.stale))
+        if frame.sequence is not None:
+            if frame.type == "ticker":
+                kind = self.tracker.on_ticker(product, frame.sequence, frame.trade_id)
+                if kind is not None:
+                    metrics.REGRESSIONS.labels(product=product, kind=kind).inc()
+                    log.debug("sequence_regression", product=product, kind=kind)
+            elif frame.type == "heartbeat":
+                gap = self.tracker.on_heartbeat(product, frame.sequence, frame.trade_id)
+                if gap is not None:
+                    self._on_gap(gap)
         self.buffer.put(
             Outgoing(
                 stream=RAW_STREAM,
@@ -114,6 +178,21 @@ class FeedSession:
                 type=frame.type or "none",
             )
         )
+
+    def _on_gap(self, gap: Gap) -> None:
+        metrics.GAPS.labels(product=gap.product).inc()
+        log.warning(
+            "gap_detected",
+            product=gap.product,
+            reason=gap.reason,
+            sequence=gap.sequence,
+            last_trade_id=gap.trade_id,
+            known_trade_id=gap.known_trade_id,
+        )
+        if self.resyncer is not None:
+            self.resyncer.request(
+                gap.product, gap.reason, sequence=gap.sequence, trade_id=gap.trade_id
+            )
 
     def _on_control(self, frame: RawFrame) -> None:
         message = orjson.loads(frame.data)
@@ -128,6 +207,8 @@ class FeedSession:
                 log.error("feed_error", message=message.get("message"), reason=reason)
 
     def _dead_letter(self, data: bytes, recv_ns: int, reason: str, error: str) -> None:
+        if self.staleness is not None:
+            self.staleness.seen_other(time.monotonic())
         metrics.DEAD_LETTERS.labels(reason=reason).inc()
         log.warning("frame_dead_lettered", reason=reason, error=error, size=len(data))
         self.buffer.put(
@@ -135,7 +216,8 @@ class FeedSession:
                 stream=DLQ_STREAM,
                 subject=dlq_subject(reason),
                 payload=data,
-                msg_id=None,
+                # idempotent when the publisher retries a window that was in fact stored
+                msg_id=f"dlq:ingestor:{recv_ns}:{zlib.crc32(data)}",
                 headers={
                     HDR_DLQ_REASON: reason,
                     HDR_DLQ_ERROR: error[:512],
@@ -180,12 +262,17 @@ async def run_feed(
             ) as ws:
                 # Coinbase drops a connection that has not subscribed within 5 s.
                 await ws.send(subscribe)
+                session.begin()
                 log.info("feed_connected", url=settings.coinbase_ws_url)
-                closer = asyncio.create_task(_close_on_stop(ws, stop))
+                helpers = [
+                    asyncio.create_task(_close_on_stop(ws, stop)),
+                    asyncio.create_task(session.watch_products()),
+                ]
                 try:
                     await session.read(ws)
                 finally:
-                    closer.cancel()
+                    for task in helpers:
+                        task.cancel()
         except FeedStalledError as exc:
             reason = "stall"
             log.warning("feed_stalled", silent_s=exc.silent_s)

@@ -17,6 +17,8 @@ class _Envelope(msgspec.Struct):
     product_id: Any = None
     sequence: Any = None
     time: Any = None
+    trade_id: Any = None  # ticker
+    last_trade_id: Any = None  # heartbeat
 
 
 _decoder = msgspec.json.Decoder(_Envelope)
@@ -32,6 +34,7 @@ class RawFrame:
     product: str | None
     sequence: int | None
     time: str | None
+    trade_id: int | None = None  # the ticker's trade_id, or the heartbeat's last_trade_id
 
     @property
     def msg_id(self) -> str | None:
@@ -61,8 +64,11 @@ def parse_frame(data: bytes, recv_ns: int) -> RawFrame:
         recv_ns=recv_ns,
         type=env.type if isinstance(env.type, str) else None,
         product=env.product_id if isinstance(env.product_id, str) and env.product_id else None,
-        sequence=env.sequence
-        if isinstance(env.sequence, int) and not isinstance(env.sequence, bool)
-        else None,
+        sequence=_int_or_none(env.sequence),
         time=env.time if isinstance(env.time, str) else None,
+        trade_id=_int_or_none(env.last_trade_id if env.type == "heartbeat" else env.trade_id),
     )
+
+
+def _int_or_none(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from services.common.broker import PendingPublish, Publisher
@@ -20,6 +21,9 @@ from services.common.logging import get_logger
 from services.ingestor import metrics
 
 log = get_logger(__name__)
+
+# Frames that carry a product's state: losing one leaves the product stale downstream.
+_STATE_TYPES = frozenset({"ticker", "resync"})
 
 
 @dataclass(slots=True)
@@ -50,7 +54,8 @@ class OutboundBuffer:
     def put(self, item: Outgoing) -> None:
         if len(self._items) >= self.maxlen:
             oldest = self._items.popleft()
-            self.dropped_products.add(oldest.product)
+            if oldest.type in _STATE_TYPES:  # a lost heartbeat or dead letter needs no resync
+                self.dropped_products.add(oldest.product)
             metrics.FRAMES_DROPPED.labels(product=oldest.product).inc()
             self._drops_since_log += 1
             now = time.monotonic()
@@ -66,6 +71,11 @@ class OutboundBuffer:
         self._items.append(item)
         metrics.BUFFER_DEPTH.set(len(self._items))
         self._ready.set()
+
+    def take_dropped(self) -> set[str]:
+        """Products that lost ticks to the full buffer since the last call."""
+        dropped, self.dropped_products = self.dropped_products, set()
+        return dropped
 
     def peek(self, n: int) -> list[Outgoing]:
         return [self._items[i] for i in range(min(n, len(self._items)))]
@@ -97,8 +107,13 @@ async def publish_loop(
     batch_max: int,
     stop: asyncio.Event,
     drain_timeout_s: float,
+    on_drops_recovered: Callable[[set[str]], None] | None = None,
 ) -> None:
-    """Publish the buffer until ``stop``; then drain what is left within the timeout."""
+    """Publish the buffer until ``stop``; then drain what is left within the timeout.
+
+    ``on_drops_recovered`` gets the products whose ticks the full buffer dropped, once a
+    window is acked again (NATS is back): their state downstream needs a resync.
+    """
     backoff = 0.1
     deadline: float | None = None
     while True:
@@ -136,3 +151,7 @@ async def publish_loop(
         for item in window:
             metrics.FRAMES_PUBLISHED.labels(product=item.product, type=item.type).inc()
         buffer.pop(len(window))
+        if buffer.dropped_products and on_drops_recovered is not None and not stop.is_set():
+            dropped = buffer.take_dropped()
+            log.warning("buffer_drops_recovered", products=sorted(dropped))
+            on_drops_recovered(dropped)

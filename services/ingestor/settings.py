@@ -18,6 +18,11 @@ class IngestorSettings(CommonSettings):
     coinbase_rest_url: str = "https://api.exchange.coinbase.com"
     coinbase_products: Annotated[list[str], NoDecode] = Field(default=["BTC-USD", "ETH-USD"])
     coinbase_channels: Annotated[list[str], NoDecode] = Field(default=["ticker", "heartbeat"])
+    # Coinbase's public REST limit is 10 req/s per IP, bursts to 15 (coinbase-protocol.md §3)
+    coinbase_rest_rate_per_s: float = Field(default=10.0, gt=0)
+    coinbase_rest_burst: int = Field(default=15, ge=1)
+    coinbase_rest_timeout_s: float = Field(default=5.0, gt=0)
+    resync_max_attempts: int = Field(default=5, ge=1)
     watchdog_timeout_s: float = Field(default=15.0, gt=0)
     reconnect_initial_s: float = Field(default=0.5, gt=0)
     reconnect_max_s: float = Field(default=30.0, gt=0)
