@@ -21,7 +21,7 @@ PUSH ?= false
 .PHONY: help install install-python install-servers demo infra-up infra-down infra-status \
 	compose-up compose-down compose-ps run-feedsim run-ingestor run-normalizer \
 	run-snapshotter run-gateway test-client lint format typecheck test test-fast \
-	validate docker-build-all deploy-local clean
+	validate bench bench-quick docker-build-all deploy-local clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-18s %s\n", $$1, $$2}'
@@ -95,6 +95,16 @@ test: lint typecheck ## lint, typecheck, then every test against real servers (i
 
 test-fast: ## tests that need no server
 	$(RUN) pytest -m "not integration" $(PYTEST_ARGS)
+
+bench: ## benchmarks on real servers (several minutes; run on a quiet machine)
+	$(RUN) python -m bench.normalize
+	$(RUN) python -m bench.snapshotter
+	$(RUN) python -m bench.pipeline
+
+bench-quick: ## the same benchmarks, smaller (about 2 minutes)
+	$(RUN) python -m bench.normalize --frames 10000 --service-frames 20000 --repeats 3
+	$(RUN) python -m bench.snapshotter --ticks 20000 --naive-s 4
+	$(RUN) python -m bench.pipeline --rates 1000 5000 --seconds 5
 
 validate: ## offline checks of docker/, k8s/, monitoring/, .github/ (no Docker or cluster needed)
 	bash scripts/validate.sh
