@@ -7,7 +7,8 @@ from typing import Annotated
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import NoDecode
 
-from services.common.settings import CommonSettings, split_csv
+from services.common.settings import CommonSettings
+from services.common.shards import check_shards, owned_shards, parse_shards, shard_tag
 
 
 class NormalizerSettings(CommonSettings):
@@ -22,27 +23,20 @@ class NormalizerSettings(CommonSettings):
     @field_validator("normalizer_shards", mode="before")
     @classmethod
     def _split(cls, value: object) -> object:
-        if value in ("", "all", None):
-            return None
-        return split_csv(value)
+        return parse_shards(value)
 
     @model_validator(mode="after")
     def _shards_in_range(self) -> NormalizerSettings:
-        if self.normalizer_shards is not None:
-            bad = [s for s in self.normalizer_shards if not 0 <= s < self.num_shards]
-            if bad or not self.normalizer_shards:
-                raise ValueError(
-                    f"NORMALIZER_SHARDS must be within 0..{self.num_shards - 1} (got {bad})"
-                )
-            self.normalizer_shards = sorted(set(self.normalizer_shards))
+        self.normalizer_shards = check_shards(
+            self.normalizer_shards, self.num_shards, "NORMALIZER_SHARDS"
+        )
         return self
 
     @property
     def owned_shards(self) -> frozenset[int]:
-        return frozenset(self.normalizer_shards or range(self.num_shards))
+        return owned_shards(self.normalizer_shards, self.num_shards)
 
     @property
     def durable_name(self) -> str:
-        if self.normalizer_shards is None or len(self.owned_shards) == self.num_shards:
-            return "normalizer"
-        return "normalizer-s" + "-".join(str(s) for s in sorted(self.owned_shards))
+        tag = shard_tag(self.normalizer_shards, self.num_shards)
+        return f"normalizer-{tag}" if tag else "normalizer"

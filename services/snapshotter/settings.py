@@ -7,7 +7,8 @@ from typing import Annotated
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import NoDecode
 
-from services.common.settings import CommonSettings, split_csv
+from services.common.settings import CommonSettings
+from services.common.shards import check_shards, owned_shards, parse_shards, shard_tag
 
 
 class SnapshotterSettings(CommonSettings):
@@ -38,39 +39,29 @@ class SnapshotterSettings(CommonSettings):
     @field_validator("snapshotter_shards", mode="before")
     @classmethod
     def _split(cls, value: object) -> object:
-        if value in ("", "all", None):
-            return None
-        return split_csv(value)
+        return parse_shards(value)
 
     @model_validator(mode="after")
     def _shards_in_range(self) -> SnapshotterSettings:
-        if self.snapshotter_shards is not None:
-            bad = [s for s in self.snapshotter_shards if not 0 <= s < self.num_shards]
-            if bad or not self.snapshotter_shards:
-                raise ValueError(
-                    f"SNAPSHOTTER_SHARDS must be within 0..{self.num_shards - 1} (got {bad})"
-                )
-            self.snapshotter_shards = sorted(set(self.snapshotter_shards))
+        self.snapshotter_shards = check_shards(
+            self.snapshotter_shards, self.num_shards, "SNAPSHOTTER_SHARDS"
+        )
         return self
 
     @property
     def owned_shards(self) -> frozenset[int]:
-        return frozenset(self.snapshotter_shards or range(self.num_shards))
-
-    @property
-    def all_shards(self) -> bool:
-        return self.snapshotter_shards is None or len(self.owned_shards) == self.num_shards
+        return owned_shards(self.snapshotter_shards, self.num_shards)
 
     @property
     def shard_tag(self) -> str:
         """``""`` for a replica owning every shard, else ``s0-1``."""
-        return "" if self.all_shards else "s" + "-".join(str(s) for s in sorted(self.owned_shards))
+        return shard_tag(self.snapshotter_shards, self.num_shards)
 
     @property
     def durable_name(self) -> str:
         if self.snapshotter_durable:
             return self.snapshotter_durable
-        return "snapshotter" if self.all_shards else f"snapshotter-{self.shard_tag}"
+        return f"snapshotter-{self.shard_tag}" if self.shard_tag else "snapshotter"
 
     @property
     def snapshot_prefix(self) -> str:
