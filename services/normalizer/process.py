@@ -42,7 +42,7 @@ _TYPE_NAMES: dict[type, str] = {
 }
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class RawIn:
     subject: str
     data: bytes
