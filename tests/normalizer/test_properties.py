@@ -190,3 +190,17 @@ def _ticker(product: str, seq: int) -> bytes:
             "trade_id": seq,
         }
     )
+
+
+@settings(max_examples=500)
+@given(decimal_str, decimal_str)
+def test_bid_ask_order_is_exact(a: str, b: str) -> None:
+    """The float fast path of the bid ≤ ask check agrees with exact Decimal comparison,
+    including values that only differ beyond float precision."""
+    from decimal import Decimal
+
+    from services.normalizer.decode import _above
+
+    assert _above(a, b) == (Decimal(a) > Decimal(b))
+    near = a + "0000000000000000001" if "." in a else a + ".0000000000000000001"
+    assert _above(near, a) and not _above(a, near)
