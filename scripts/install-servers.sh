@@ -8,6 +8,7 @@ command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
 command -v java >/dev/null 2>&1 || need_apt+=(openjdk-17-jre-headless)
 command -v npm >/dev/null 2>&1 || need_apt+=(npm)
 command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)   # promtool, for make validate
+command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)   # headless browser for the gateway page test
 
 if ((${#need_apt[@]})); then
   if [[ $(id -u) -ne 0 ]]; then

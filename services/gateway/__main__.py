@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import re
 import sys
 from collections.abc import Generator
 
 import uvicorn
 
 from services.common.lifecycle import run_service
-from services.gateway.app import create_app
+from services.gateway.app import GatewayState, create_app
 from services.gateway.settings import GatewaySettings
 
 
@@ -22,8 +24,27 @@ class _Server(uvicorn.Server):
         yield
 
 
+class _UvicornLogFilter(logging.Filter):
+    """uvicorn logs each WebSocket's path with its query string, ``?token=<API key>``
+    included: redact it. Its per-connection open/close lines are dropped; ours carry the
+    same with ``conn_id`` (``client_connected``/``client_disconnected``)."""
+
+    _token = re.compile(r"(token=)[^&\s\"]*")
+    _chatter = frozenset({"connection open", "connection closed"})
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message in self._chatter or message.endswith("[accepted]"):
+            return False
+        if "token=" in message:
+            record.msg, record.args = self._token.sub(r"\1[redacted]", message), None
+        return True
+
+
 async def main(settings: GatewaySettings, stop: asyncio.Event) -> None:
+    logging.getLogger("uvicorn.error").addFilter(_UvicornLogFilter())
     app = create_app(settings)
+    state: GatewayState = app.state.gateway
     config = uvicorn.Config(
         app,
         host=settings.gateway_host,
@@ -31,23 +52,34 @@ async def main(settings: GatewaySettings, stop: asyncio.Event) -> None:
         log_config=None,
         access_log=False,
         ws_max_size=settings.ws_max_frame_bytes,
-        ws_ping_interval=20,
-        ws_ping_timeout=20,
+        ws_ping_interval=settings.ws_ping_interval_s,
+        ws_ping_timeout=settings.ws_ping_timeout_s,
+        ws_per_message_deflate=settings.ws_per_message_deflate,
         lifespan="on",
         timeout_graceful_shutdown=int(settings.drain_timeout_s),
     )
     server = _Server(config)
+    served = asyncio.Event()
 
     async def stop_on_signal() -> None:
         await stop.wait()
-        app.state.gateway.begin_shutdown()
-        await asyncio.sleep(0.2)  # let writers flush and send 1001 before uvicorn closes sockets
+        state.begin_shutdown()
+        # every writer flushes what it holds and sends 1001 before uvicorn drops sockets
+        await state.wait_sessions_closed(settings.drain_timeout_s / 2)
         server.should_exit = True
 
     async with asyncio.TaskGroup() as tg:
         watcher = tg.create_task(stop_on_signal())
-        await server.serve()
-        watcher.cancel()
+        # batch flushes and Redis leases run until the server is gone: closing clients
+        # still flush through the batch clock during shutdown
+        tg.create_task(state.hub.run_flusher(settings.ws_batch_flush_ms / 1000, served))
+        tg.create_task(state.limiter.run(served))
+        try:
+            await server.serve()
+        finally:
+            served.set()
+            watcher.cancel()
+        await state.limiter.close()
         if not server.started:
             raise RuntimeError("gateway failed to start (see the log above)")
 

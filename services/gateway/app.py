@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -18,9 +20,12 @@ from services.common import broker
 from services.common.laststate import load_last_ticks
 from services.common.logging import get_logger
 from services.common.subjects import TICKS_STREAM, TICKS_WILDCARD
+from services.gateway import metrics
+from services.gateway.admission import Gatekeeper, presented_key
 from services.gateway.connection import CLOSE_GOING_AWAY, CLOSE_TRY_AGAIN
 from services.gateway.hub import Hub
-from services.gateway.session import run_session
+from services.gateway.limits import KeyLimiter, key_id
+from services.gateway.session import SessionContext, new_connection, run_session
 from services.gateway.settings import GatewaySettings
 
 log = get_logger(__name__)
@@ -30,13 +35,18 @@ class GatewayState:
     def __init__(self, settings: GatewaySettings) -> None:
         self.settings = settings
         self.hub = Hub(settings.coinbase_products)
+        self.gatekeeper = Gatekeeper(settings)
+        self.limiter = KeyLimiter(settings)
+        self.ctx = SessionContext(
+            self.hub, settings, None, asyncio.Semaphore(settings.backfill_concurrency)
+        )
         self.nc: NATS | None = None
         self.sub: Subscription | None = None
         self.accepting = True
 
     async def start(self) -> None:
         self.nc = await broker.connect(self.settings, name="ledgerflux-gateway")
-        js = self.nc.jetstream()
+        js = self.ctx.js = self.nc.jetstream()
         await broker.ensure_streams(js, self.settings)
         # subscribe before warming: a tick landing in between is then not missed
         self.sub = await self.nc.subscribe(
@@ -49,6 +59,11 @@ class GatewayState:
         self.accepting = False
         for conn in list(self.hub.connections):
             conn.request_close(CLOSE_GOING_AWAY, "server shutting down")
+
+    async def wait_sessions_closed(self, timeout_s: float) -> None:
+        """Until every session has flushed and sent its close frame, or ``timeout_s``."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.hub.idle.wait(), timeout_s)
 
     async def stop(self) -> None:
         if self.nc is not None:
@@ -127,11 +142,44 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
     @app.websocket("/ws")
     async def ws_endpoint(ws: WebSocket) -> None:
-        if not state.accepting or len(state.hub.connections) >= settings.ws_max_connections:
-            await ws.accept()
-            await ws.close(CLOSE_TRY_AGAIN, "server busy or shutting down")
+        origin = ws.headers.get("origin")
+        if not state.gatekeeper.origin_allowed(origin):
+            metrics.ORIGIN_REJECTED.inc()
+            log.info("origin_rejected", origin=(origin or "")[:200], client=str(ws.client))
+            await ws.send_denial_response(_forbidden("origin not allowed"))
             return
-        await ws.accept()
-        await run_session(ws, state.hub, settings)
+        key = presented_key(ws.query_params, ws.headers)
+        if not state.gatekeeper.key_valid(key):
+            reason = "missing" if key is None else "invalid"
+            metrics.AUTH_FAILURES.labels(reason=reason).inc()
+            log.info("auth_failed", reason=reason, client=str(ws.client))
+            await ws.send_denial_response(_forbidden(f"{reason} API key"))
+            return
+        if not state.accepting or len(state.hub.connections) >= settings.ws_max_connections:
+            await _refuse(ws, "server busy or shutting down")
+            return
+        kid = key_id(key) if key is not None and state.gatekeeper.keys_required else None
+        if kid is not None and not await state.limiter.acquire(kid):
+            await _refuse(ws, "too many connections for this API key")
+            return
+        try:
+            await ws.accept()
+            batch = ws.query_params.get("batch", "").lower() in {"true", "1"}
+            await run_session(ws, new_connection(state.ctx, batch=batch), state.ctx)
+        finally:
+            if kid is not None:
+                await state.limiter.release(kid)
 
     return app
+
+
+def _forbidden(message: str) -> JSONResponse:
+    body = {"type": "error", "code": "unauthorized", "message": message, "id": None}
+    return JSONResponse(body, status_code=403)
+
+
+async def _refuse(ws: WebSocket, reason: str) -> None:
+    metrics.DISCONNECTS.labels(code=str(CLOSE_TRY_AGAIN)).inc()
+    log.info("connection_refused", reason=reason, client=str(ws.client))
+    await ws.accept()
+    await ws.close(CLOSE_TRY_AGAIN, reason)

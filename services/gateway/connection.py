@@ -1,26 +1,28 @@
-"""One client: subscriptions, per-product order, outbound rate limit and its writer.
+"""One client: subscriptions, per-product order, outbound rate limit and its send buffer.
 
 Ticks are offered synchronously by the hub (no await on the fan-out path). Each
 connection keeps per-product ``seq`` strictly increasing; when its token bucket is empty
 or its send buffer is full, it keeps only the newest tick per product and sends it with
-``skipped`` = how many older ticks it replaced. A client that cannot drain its buffer for
-``WS_SLOW_CONSUMER_S`` is closed with 4008.
+``skipped`` = how many older ticks it replaced. While a product's backfill is read, its
+live ticks wait in a bounded hand-over buffer and are released after the backfill, newer
+than its last tick only. The writer (``session.py``) drains :meth:`next_frames`.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import msgspec
 
-from services.common.laststate import StoredTick
 from services.common.logging import get_logger
 from services.common.models import encode_tick
 from services.gateway import metrics
 from services.gateway.ratelimit import TokenBucket
 from services.gateway.settings import GatewaySettings
+from services.gateway.ticks import LiveTick
 
 log = get_logger(__name__)
 
@@ -31,66 +33,144 @@ CLOSE_TRY_AGAIN = 1013
 CLOSE_SLOW_CONSUMER = 4008
 CLOSE_UNAUTHORIZED = 4401
 
+# A queued frame: a shared tick (its bytes and cached text serve every client) or bytes
+# of this connection's own (control messages, ticks re-encoded with ``skipped``).
+Frame = LiveTick | bytes
+
 
 @dataclass(slots=True)
 class _Conflated:
-    stored: StoredTick
+    live: LiveTick
     skipped: int
 
 
-class SlowConsumerError(Exception):
-    """The client did not drain its buffer in time."""
+@dataclass(slots=True)
+class _HandoverBuffer:
+    """Live ticks of one product that arrive while its backfill is read."""
+
+    limit: int
+    ticks: list[LiveTick] = field(default_factory=list)
+    overflow: LiveTick | None = None
+    dropped: int = 0
+
+    def add(self, live: LiveTick) -> None:
+        if len(self.ticks) < self.limit:
+            self.ticks.append(live)
+            return
+        # past the bound only the newest survives, announced later with `skipped`
+        if self.overflow is not None:
+            self.dropped += 1
+        self.overflow = live
 
 
 class ClientConnection:
-    def __init__(self, conn_id: str, settings: GatewaySettings) -> None:
+    def __init__(
+        self,
+        conn_id: str,
+        settings: GatewaySettings,
+        *,
+        batch: bool = False,
+        schedule: Callable[[ClientConnection], None] | None = None,
+    ) -> None:
         self.conn_id = conn_id
         self.settings = settings
+        self.batch = batch
         self.products: set[str] = set()
         self.last_seq: dict[str, int] = {}
         self.bucket = TokenBucket(settings.ws_max_msgs_per_sec, settings.ws_burst)
-        self.queue: deque[tuple[bytes, str]] = deque()
+        self.queue: deque[tuple[Frame, str]] = deque()
+        self._queue_limit = settings.ws_send_queue
         self.conflated: dict[str, _Conflated] = {}
+        self.handover: dict[str, _HandoverBuffer] = {}
         self.wakeup = asyncio.Event()
+        self.drained = asyncio.Event()
         self.close_code: int | None = None
         self.close_reason = ""
+        # batch connections are woken by the hub's flush clock, others at once
+        self._schedule = schedule if batch and schedule is not None else None
+
+    def _notify(self) -> None:
+        if self._schedule is not None:
+            self._schedule(self)
+        else:
+            self.wakeup.set()
 
     # -- called by the hub / command handler (synchronous) ---------------------------------
 
     def send_control(self, frame: bytes, kind: str) -> None:
         """Protocol messages bypass the tick rate limit (one token per tick only)."""
         self.queue.append((frame, kind))
-        self.wakeup.set()
+        self._notify()
 
-    def offer_tick(self, product: str, stored: StoredTick) -> None:
-        seq = stored.tick.seq
-        if seq <= self.last_seq.get(product, -1):
-            return  # already sent (snapshot/backfill handover) or older
-        self.last_seq[product] = seq
-        pending = self.conflated.get(product)
+    def offer_tick(
+        self, product: str, live: LiveTick, skipped: int = 0, now: float | None = None
+    ) -> None:
+        """Called for every subscriber of every tick: kept to plain attribute and dict work."""
+        if self.handover and product in self.handover:
+            self.handover[product].add(live)
+            return
+        seq = live.seq
+        last_seq = self.last_seq
+        if seq <= last_seq.get(product, -1):
+            return  # already sent (snapshot/backfill hand-over) or older
+        last_seq[product] = seq
+        pending = self.conflated.get(product) if self.conflated else None
         if pending is not None:
             # an older tick of this product is waiting: the newest replaces it
             metrics.CONFLATED.inc()
-            self.conflated[product] = _Conflated(stored, pending.skipped + 1)
-        elif len(self.queue) < self.settings.ws_send_queue and self.bucket.take():
-            self.queue.append((stored.data, "tick"))
+            pending.live = live
+            pending.skipped += 1 + skipped
+        elif not skipped and len(self.queue) < self._queue_limit and self.bucket.take(now):
+            self.queue.append((live, "tick"))
         else:
-            self.conflated[product] = _Conflated(stored, 0)
-        self.wakeup.set()
+            self.conflated[product] = _Conflated(live, skipped)
+        if self._schedule is None:
+            self.wakeup.set()
+        else:
+            self._schedule(self)
 
-    def mark_sent_snapshot(self, product: str, stored: StoredTick | None) -> None:
-        if stored is not None:
-            self.last_seq[product] = max(self.last_seq.get(product, -1), stored.tick.seq)
+    def start_after(self, product: str, seq: int | None) -> None:
+        """Live ticks of ``product`` start after ``seq`` (the snapshot's or backfill's last)."""
+        if seq is not None:
+            self.last_seq[product] = max(self.last_seq.get(product, -1), seq)
+
+    def hold_live(self, product: str) -> None:
+        """Buffer live ticks of ``product`` until :meth:`release_live` (backfill hand-over)."""
+        self.handover[product] = _HandoverBuffer(self.settings.backfill_max)
+
+    def release_live(self, product: str, after_seq: int | None) -> None:
+        """Send the buffered live ticks newer than ``after_seq``, then go live."""
+        buffer = self.handover.pop(product, None)
+        self.start_after(product, after_seq)
+        if buffer is None:
+            return
+        for live in buffer.ticks:
+            self.offer_tick(product, live)
+        if buffer.overflow is not None:
+            metrics.CONFLATED.inc(buffer.dropped)
+            self.offer_tick(product, buffer.overflow, buffer.dropped)
+
+    def forget(self, product: str) -> None:
+        self.conflated.pop(product, None)
+        self.last_seq.pop(product, None)
+        self.handover.pop(product, None)
 
     def request_close(self, code: int, reason: str) -> None:
         if self.close_code is None:
             self.close_code = code
             self.close_reason = reason
             self.wakeup.set()
+            self.drained.set()
+
+    async def wait_drained(self, max_queued: int) -> None:
+        """Until at most ``max_queued`` frames wait (backpressure for bulk responses)."""
+        while len(self.queue) > max_queued and self.close_code is None:
+            self.drained.clear()
+            await self.drained.wait()
 
     # -- the writer -----------------------------------------------------------------------
 
-    def next_frames(self) -> list[tuple[bytes, str]]:
+    def next_frames(self) -> list[tuple[Frame, str]]:
         """Frames ready to send now: the queue, then conflated ticks as tokens allow."""
         frames = list(self.queue)
         self.queue.clear()
@@ -108,8 +188,8 @@ class ClientConnection:
         return max(self.bucket.seconds_until_token(), 0.001)
 
 
-def _with_skipped(pending: _Conflated) -> bytes:
+def _with_skipped(pending: _Conflated) -> Frame:
     if pending.skipped == 0:
-        return pending.stored.data
-    tick = msgspec.structs.replace(pending.stored.tick, skipped=pending.skipped)
+        return pending.live
+    tick = msgspec.structs.replace(pending.live.tick, skipped=pending.skipped)
     return encode_tick(tick)

@@ -1,12 +1,14 @@
 """The in-process router: one NATS subscription on MD_TICKS → every subscribed client.
 
 Each tick arrives as the canonical JSON bytes stored by the normalizer; those bytes are
-what clients receive (encoded once, for everyone). The hub also keeps the latest tick
-per product for snapshots and the REST API.
+what clients receive (encoded once, for everyone, and decoded to text once). The hub also
+keeps the latest tick per product for snapshots and the REST API, and runs the shared
+flush clock of ``?batch=true`` connections.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import defaultdict
 
@@ -18,6 +20,7 @@ from services.common.logging import get_logger
 from services.common.models import decode_tick
 from services.gateway import metrics
 from services.gateway.connection import ClientConnection
+from services.gateway.ticks import LiveTick
 
 log = get_logger(__name__)
 
@@ -25,22 +28,26 @@ log = get_logger(__name__)
 class Hub:
     def __init__(self, configured_products: list[str]) -> None:
         self.configured = set(configured_products)
-        self.latest: dict[str, StoredTick] = {}
+        self.latest: dict[str, LiveTick] = {}
         self.last_update: dict[str, float] = {}
         self.subscribers: defaultdict[str, set[ClientConnection]] = defaultdict(set)
         self.connections: set[ClientConnection] = set()
+        # batch connections with output waiting for the next flush tick
+        self.dirty: set[ClientConnection] = set()
+        self.idle = asyncio.Event()  # set while no connection is open
+        self.idle.set()
 
     def serves(self, product: str) -> bool:
         return product in self.configured or product in self.latest
 
     def warm(self, stored: dict[str, StoredTick]) -> None:
         for product, item in stored.items():
-            self._remember(product, item)
+            self._remember(product, LiveTick.from_stored(item))
         log.info("cache_warmed", products=len(stored))
 
-    def _remember(self, product: str, item: StoredTick) -> bool:
+    def _remember(self, product: str, item: LiveTick) -> bool:
         current = self.latest.get(product)
-        if current is not None and current.tick.seq >= item.tick.seq:
+        if current is not None and current.seq >= item.seq:
             return False
         self.latest[product] = item
         self.last_update[product] = time.time()
@@ -54,37 +61,59 @@ class Hub:
             log.error("bad_tick_on_stream", subject=msg.subject, error=str(exc))
             return
         metrics.TICKS_IN.inc()
-        item = StoredTick(tick, msg.data, 0)
+        item = LiveTick(tick, msg.data)
         if not self._remember(tick.product, item):
             return
         metrics.E2E_LATENCY.observe(max(0.0, (time.time_ns() - tick.recv_ns) / 1e9))
+        now = time.monotonic()  # one clock reading for every subscriber's token bucket
         for conn in self.subscribers.get(tick.product, ()):
-            conn.offer_tick(tick.product, item)
+            conn.offer_tick(tick.product, item, 0, now)
 
-    def subscribe(self, conn: ClientConnection, product: str) -> StoredTick | None:
-        """Register ``conn`` for live ticks and return the snapshot it starts from."""
+    def subscribe(self, conn: ClientConnection, product: str) -> LiveTick | None:
+        """Register ``conn`` for live ticks of ``product``; returns the latest tick now.
+
+        Synchronous on purpose: nothing can arrive between the registration and the
+        returned tick, so the caller's snapshot → live hand-over has no gap.
+        """
         if product not in conn.products:
             conn.products.add(product)
             self.subscribers[product].add(conn)
             metrics.SUBSCRIPTIONS.inc()
-        snapshot = self.latest.get(product)
-        conn.mark_sent_snapshot(product, snapshot)
-        return snapshot
+        return self.latest.get(product)
 
     def unsubscribe(self, conn: ClientConnection, product: str) -> None:
         if product in conn.products:
             conn.products.discard(product)
             self.subscribers[product].discard(conn)
-            conn.conflated.pop(product, None)
-            conn.last_seq.pop(product, None)
+            conn.forget(product)
             metrics.SUBSCRIPTIONS.dec()
 
     def add(self, conn: ClientConnection) -> None:
         self.connections.add(conn)
+        self.idle.clear()
         metrics.CONNECTIONS.set(len(self.connections))
 
     def remove(self, conn: ClientConnection) -> None:
         for product in list(conn.products):
             self.unsubscribe(conn, product)
         self.connections.discard(conn)
+        self.dirty.discard(conn)
+        if not self.connections:
+            self.idle.set()
         metrics.CONNECTIONS.set(len(self.connections))
+
+    def mark_dirty(self, conn: ClientConnection) -> None:
+        self.dirty.add(conn)
+
+    async def run_flusher(self, interval_s: float, stop: asyncio.Event) -> None:
+        """Wake the writers of batch connections that have output, every ``interval_s``.
+
+        One clock for all of them: a timer per connection per flush would cost a heap
+        operation each, and aligned flushes wake many writers in one loop pass.
+        """
+        while not stop.is_set():
+            await asyncio.sleep(interval_s)
+            if self.dirty:
+                dirty, self.dirty = self.dirty, set()
+                for conn in dirty:
+                    conn.wakeup.set()

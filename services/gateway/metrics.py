@@ -35,3 +35,58 @@ for _code in (
     "unauthorized", "backfill_unavailable",
 ):  # fmt: skip
     ERRORS_SENT.labels(code=_code)
+
+# -- backfill -------------------------------------------------------------------------------
+BACKFILL_REQUESTS = Counter(
+    "ledgerflux_gateway_backfill_requests_total",
+    "Backfills per product, by form (last, since_seq, since_time) and outcome",
+    ["form", "outcome"],
+)
+BACKFILL_TICKS = Histogram(
+    "ledgerflux_gateway_backfill_ticks",
+    "Ticks sent per product backfill",
+    buckets=(0, 1, 10, 100, 500, 1000, 5000, 10_000, 50_000),
+)
+BACKFILL_SECONDS = Histogram(
+    "ledgerflux_gateway_backfill_seconds",
+    "Time to read one product's backfill from MD_TICKS",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+)
+BACKFILLS_IN_PROGRESS = Gauge(
+    "ledgerflux_gateway_backfills_in_progress", "Backfills reading MD_TICKS right now"
+)
+
+# -- admission ------------------------------------------------------------------------------
+AUTH_FAILURES = Counter(
+    "ledgerflux_gateway_auth_failures_total",
+    "WebSocket upgrades refused with 403 for a missing or invalid API key",
+    ["reason"],
+)
+ORIGIN_REJECTED = Counter(
+    "ledgerflux_gateway_origin_rejected_total",
+    "WebSocket upgrades refused with 403: Origin not in WS_ALLOWED_ORIGINS",
+)
+KEY_LIMIT_REJECTED = Counter(
+    "ledgerflux_gateway_key_limit_rejected_total",
+    "Connections closed with 1013: WS_MAX_CONNECTIONS_PER_KEY reached (process or shared)",
+    ["scope"],
+)
+REDIS_ERRORS = Counter(
+    "ledgerflux_gateway_redis_errors_total",
+    "Redis calls that failed (the gateway then fails open)",
+    ["op"],
+)
+REDIS_UP = Gauge("ledgerflux_gateway_redis_up", "1 while the shared-limit Redis answers")
+
+# -- output ---------------------------------------------------------------------------------
+BATCH_FRAMES = Counter(
+    "ledgerflux_gateway_batch_frames_total", "JSON-array frames sent to ?batch=true clients"
+)
+BATCH_MESSAGES = Histogram(
+    "ledgerflux_gateway_batch_messages",
+    "Messages per JSON-array frame (?batch=true)",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 1024),
+)
+SLOW_CONSUMERS = Counter(
+    "ledgerflux_gateway_slow_consumers_total", "Clients closed with 4008 (could not drain)"
+)

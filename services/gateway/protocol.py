@@ -1,12 +1,16 @@
 """The client protocol of DESIGN §8: commands in, messages out.
 
 Commands are decoded with msgspec into typed structs; anything that does not fit is a
-``bad_request`` naming what is wrong. Outbound messages are encoded here once.
+``bad_request`` naming what is wrong. Outbound messages are encoded here once; tick
+bytes are spliced into them as stored, never re-encoded.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -21,8 +25,8 @@ ErrorCode = Literal[
 
 
 class Backfill(msgspec.Struct, forbid_unknown_fields=True):
-    last: int | None = None
-    since_seq: int | None = None
+    last: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    since_seq: Annotated[int, msgspec.Meta(ge=0)] | None = None
     since_time: str | None = None
 
 
@@ -64,10 +68,10 @@ class BadCommandError(ValueError):
 def decode_command(data: bytes | str) -> Command:
     try:
         command: Command = _command_decoder.decode(data)
+    except msgspec.ValidationError as exc:  # a DecodeError subclass: test it first
+        raise BadCommandError(str(exc), _request_id(data)) from None
     except msgspec.DecodeError as exc:
         raise BadCommandError(f"invalid JSON: {exc}", None) from None
-    except msgspec.ValidationError as exc:
-        raise BadCommandError(str(exc), _request_id(data)) from None
     return command
 
 
@@ -78,9 +82,62 @@ def _request_id(data: bytes | str) -> object:
         return None
 
 
+@dataclass(frozen=True, slots=True)
+class BackfillSpec:
+    """One validated backfill request: exactly one of its three forms."""
+
+    last: int | None = None
+    since_seq: int | None = None
+    since_time: datetime | None = None
+
+    @property
+    def form(self) -> str:
+        if self.last is not None:
+            return "last"
+        return "since_seq" if self.since_seq is not None else "since_time"
+
+
+def backfill_spec(backfill: Backfill, request_id: object) -> BackfillSpec:
+    """Exactly one of ``last``/``since_seq``/``since_time``; the time is RFC 3339 with a zone."""
+    given = [
+        name for name in ("last", "since_seq", "since_time") if getattr(backfill, name) is not None
+    ]
+    if len(given) != 1:
+        raise BadCommandError(
+            "backfill needs exactly one of last, since_seq, since_time", request_id
+        )
+    if backfill.since_time is None:
+        return BackfillSpec(last=backfill.last, since_seq=backfill.since_seq)
+    try:
+        when = datetime.fromisoformat(backfill.since_time)
+    except ValueError:
+        when = None
+    if when is None or when.tzinfo is None or "T" not in backfill.since_time.upper():
+        raise BadCommandError(
+            f"since_time must be RFC 3339 with a zone, got {backfill.since_time!r}", request_id
+        )
+    return BackfillSpec(since_time=when)
+
+
 def encode(message: dict[str, object]) -> bytes:
     return _encoder.encode(message)
 
 
 def error(code: ErrorCode, message: str, request_id: object = None) -> bytes:
     return encode({"type": "error", "code": code, "message": message, "id": request_id})
+
+
+def snapshot_message(product: str, tick_data: bytes | None) -> bytes:
+    return b'{"type":"snapshot","product":%b,"tick":%b}' % (
+        _encoder.encode(product),
+        tick_data if tick_data is not None else b"null",
+    )
+
+
+def backfill_message(product: str, ticks: Sequence[bytes], done: bool) -> bytes:
+    """A backfill chunk; the stored tick bytes are joined as they are, not re-encoded."""
+    return b'{"type":"backfill","product":%b,"ticks":[%b],"done":%b}' % (
+        _encoder.encode(product),
+        b",".join(ticks),
+        b"true" if done else b"false",
+    )

@@ -5,46 +5,81 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import time
+from dataclasses import dataclass
 
+from nats.js import JetStreamContext
 from starlette.websockets import WebSocket, WebSocketDisconnect
 from structlog.contextvars import bound_contextvars
 
 from services.common.logging import get_logger
 from services.common.subjects import is_valid_product
 from services.gateway import metrics
+from services.gateway.backfill import BackfillResult, read_backfill
 from services.gateway.connection import (
     CLOSE_POLICY,
     CLOSE_SLOW_CONSUMER,
     CLOSE_TOO_BIG,
     ClientConnection,
+    Frame,
 )
+from services.gateway.errors import BackfillUnavailableError
 from services.gateway.hub import Hub
 from services.gateway.protocol import (
+    BackfillSpec,
     BadCommandError,
     Command,
+    ErrorCode,
     Ping,
     Subscribe,
     Unsubscribe,
+    backfill_message,
+    backfill_spec,
     decode_command,
     encode,
     error,
+    snapshot_message,
 )
 from services.gateway.ratelimit import TokenBucket
 from services.gateway.settings import GatewaySettings
+from services.gateway.ticks import LiveTick
 
 log = get_logger(__name__)
 _conn_ids = itertools.count(1)
+
+BACKFILL_CHUNK = 500  # ticks per backfill message (~250 KB): bounded frames, few of them
+# how long a close may wait for a backed-up socket to take the close frame
+_CLOSE_TIMEOUT_S = 5.0
+
+_TICK_MESSAGES = metrics.MESSAGES_OUT.labels(type="tick")
 
 
 class _Closed(Exception):
     """The session ended (client gone or closed by us)."""
 
 
-async def run_session(ws: WebSocket, hub: Hub, settings: GatewaySettings) -> None:
-    conn = ClientConnection(f"c{next(_conn_ids)}", settings)
+@dataclass(slots=True)
+class SessionContext:
+    """What every session shares: the hub, settings, JetStream and the backfill limiter."""
+
+    hub: Hub
+    settings: GatewaySettings
+    js: JetStreamContext | None
+    backfills: asyncio.Semaphore
+
+
+def new_connection(ctx: SessionContext, *, batch: bool) -> ClientConnection:
+    return ClientConnection(
+        f"c{next(_conn_ids)}", ctx.settings, batch=batch, schedule=ctx.hub.mark_dirty
+    )
+
+
+async def run_session(ws: WebSocket, conn: ClientConnection, ctx: SessionContext) -> None:
+    settings, hub = ctx.settings, ctx.hub
     with bound_contextvars(conn_id=conn.conn_id):
         hub.add(conn)
-        log.info("client_connected", client=str(ws.client))
+        started = time.monotonic()
+        log.info("client_connected", client=str(ws.client), batch=conn.batch)
         conn.send_control(
             encode(
                 {
@@ -55,6 +90,7 @@ async def run_session(ws: WebSocket, hub: Hub, settings: GatewaySettings) -> Non
                         "max_frame_bytes": settings.ws_max_frame_bytes,
                         "max_subscriptions": settings.ws_max_subscriptions,
                         "cmds_per_sec": settings.ws_cmds_per_sec,
+                        "backfill_max": settings.backfill_max,
                     },
                 }
             ),
@@ -64,17 +100,23 @@ async def run_session(ws: WebSocket, hub: Hub, settings: GatewaySettings) -> Non
             async with asyncio.TaskGroup() as tg:
                 # the writer ends the session: it flushes, then closes with conn.close_code
                 tg.create_task(_write(ws, conn))
-                await _read(ws, conn, hub, settings)
+                await _read(ws, conn, ctx)
         except* _Closed:
             pass
         finally:
             hub.remove(conn)
             code = conn.close_code or 1000
             metrics.DISCONNECTS.labels(code=str(code)).inc()
-            log.info("client_disconnected", code=code, reason=conn.close_reason)
+            log.info(
+                "client_disconnected",
+                code=code,
+                reason=conn.close_reason,
+                duration_s=round(time.monotonic() - started, 3),
+            )
 
 
-async def _read(ws: WebSocket, conn: ClientConnection, hub: Hub, settings: GatewaySettings) -> None:
+async def _read(ws: WebSocket, conn: ClientConnection, ctx: SessionContext) -> None:
+    settings = ctx.settings
     commands = TokenBucket(settings.ws_cmds_per_sec, settings.ws_cmd_burst)
     strikes = 0
     while conn.close_code is None:
@@ -83,6 +125,7 @@ async def _read(ws: WebSocket, conn: ClientConnection, hub: Hub, settings: Gatew
         except WebSocketDisconnect:
             raise _Closed from None
         if message["type"] == "websocket.disconnect":
+            # uvicorn reports its own closes here too (1009 frame too big, 1011 keepalive)
             conn.close_code = conn.close_code or int(message.get("code") or 1000)
             raise _Closed
         data: str | bytes = message.get("text") or message.get("bytes") or b""
@@ -92,42 +135,39 @@ async def _read(ws: WebSocket, conn: ClientConnection, hub: Hub, settings: Gatew
         if not commands.take():
             strikes += 1
             if strikes >= settings.ws_flood_strikes:
+                log.warning("command_flood", strikes=strikes)
                 conn.request_close(CLOSE_POLICY, "command flood")
                 return
             _error(conn, "rate_limited", "too many commands; slow down", None)
             continue
         try:
             command = decode_command(data)
+            await handle_command(command, conn, ctx)
         except BadCommandError as exc:
             _error(conn, "bad_request", str(exc), exc.request_id)
-            continue
-        handle_command(command, conn, hub, settings)
 
 
-def handle_command(
-    command: Command, conn: ClientConnection, hub: Hub, settings: GatewaySettings
-) -> None:
+async def handle_command(command: Command, conn: ClientConnection, ctx: SessionContext) -> None:
     match command:
         case Ping(id=request_id):
             conn.send_control(encode({"type": "pong", "id": request_id}), "pong")
         case Subscribe():
-            _subscribe(command, conn, hub, settings)
+            await _subscribe(command, conn, ctx)
         case Unsubscribe(products=products, id=request_id):
             for product in products:
-                hub.unsubscribe(conn, product)
+                ctx.hub.unsubscribe(conn, product)
             conn.send_control(
                 encode({"type": "unsubscribed", "products": products, "id": request_id}),
                 "unsubscribed",
             )
 
 
-def _subscribe(
-    command: Subscribe, conn: ClientConnection, hub: Hub, settings: GatewaySettings
-) -> None:
+async def _subscribe(command: Subscribe, conn: ClientConnection, ctx: SessionContext) -> None:
+    hub, settings = ctx.hub, ctx.settings
     products = list(dict.fromkeys(command.products))
     if not products:
-        _error(conn, "bad_request", "products must not be empty", command.id)
-        return
+        raise BadCommandError("products must not be empty", command.id)
+    spec = backfill_spec(command.backfill, command.id) if command.backfill else None
     if len(conn.products | set(products)) > settings.ws_max_subscriptions:
         _error(
             conn,
@@ -140,50 +180,192 @@ def _subscribe(
     if unknown:
         _error(conn, "unknown_product", f"not served: {', '.join(unknown[:20])}", command.id)
         return
-    if command.backfill is not None:
-        _error(conn, "backfill_unavailable", "backfill is not available yet", command.id)
-        return
+    if spec is not None and (again := [p for p in products if p in conn.products]):
+        # their live stream already runs: older ticks now would break per-product order
+        raise BadCommandError(
+            f"already subscribed to {', '.join(again[:20])}: unsubscribe before a backfill",
+            command.id,
+        )
+    # Register every product for live ticks before anything else, without an await in
+    # between: the snapshot (or backfill) and the live stream then meet with no gap.
+    latest: dict[str, LiveTick | None] = {}
+    for product in products:
+        latest[product] = hub.subscribe(conn, product)
+        if spec is not None:
+            conn.hold_live(product)
     conn.send_control(
         encode({"type": "subscribed", "products": products, "id": command.id}), "subscribed"
     )
-    for product in products:
-        snapshot = hub.subscribe(conn, product)
+    if spec is None:
+        for product, snapshot in latest.items():
+            if command.snapshot:
+                conn.send_control(
+                    snapshot_message(product, snapshot.data if snapshot else None), "snapshot"
+                )
+            conn.start_after(product, snapshot.seq if snapshot else None)
+        return
+    for product, seen in latest.items():
+        await _backfill(conn, ctx, product, spec, seen, command)
+
+
+async def _backfill(
+    conn: ClientConnection,
+    ctx: SessionContext,
+    product: str,
+    spec: BackfillSpec,
+    seen: LiveTick | None,
+    command: Subscribe,
+) -> None:
+    """Snapshot (if asked), backfill chunks, then the buffered live ticks — or, when
+    JetStream cannot serve it, the current snapshot, an error and live ticks."""
+    form = spec.form
+    started = time.perf_counter()
+    try:
+        result = await _read_backfill(ctx, product, spec, seen.seq if seen else -1)
+    except BackfillUnavailableError as exc:
+        metrics.BACKFILL_REQUESTS.labels(form=form, outcome="unavailable").inc()
+        log.warning("backfill_unavailable", product=product, reason=exc.reason)
+        now = ctx.hub.latest.get(product)
         if command.snapshot:
-            conn.send_control(
-                b'{"type":"snapshot","product":%s,"tick":%s}'
-                % (encode(product), snapshot.data if snapshot else b"null"),  # type: ignore[arg-type]
-                "snapshot",
-            )
+            conn.send_control(snapshot_message(product, now.data if now else None), "snapshot")
+        _error(conn, "backfill_unavailable", str(exc), command.id)
+        # live from the snapshot just sent, or else from the subscription (held ticks too)
+        after = now if command.snapshot else seen
+        conn.release_live(product, after.seq if after else None)
+        return
+    elapsed = time.perf_counter() - started
+    metrics.BACKFILL_SECONDS.observe(elapsed)
+    metrics.BACKFILL_REQUESTS.labels(form=form, outcome="ok").inc()
+    metrics.BACKFILL_TICKS.observe(len(result.ticks))
+    log.info(
+        "backfill_sent",
+        product=product,
+        form=form,
+        ticks=len(result.ticks),
+        read_ms=round(elapsed * 1000, 1),
+    )
+    if command.snapshot:
+        conn.send_control(snapshot_message(product, result.before), "snapshot")
+    await _send_chunks(conn, product, result)
+    conn.release_live(product, _newest(result.last_seq, result.before_seq))
 
 
-def _error(conn: ClientConnection, code: str, message: str, request_id: object) -> None:
+async def _read_backfill(
+    ctx: SessionContext, product: str, spec: BackfillSpec, seen_seq: int
+) -> BackfillResult:
+    if ctx.js is None:
+        raise BackfillUnavailableError(product, "JetStream not connected")
+    try:
+        async with asyncio.timeout(ctx.settings.backfill_timeout_s):
+            # the wait for a slot counts: a gateway too busy to start soon says so
+            async with ctx.backfills:
+                metrics.BACKFILLS_IN_PROGRESS.inc()
+                try:
+                    return await read_backfill(
+                        ctx.js,
+                        product,
+                        spec,
+                        num_shards=ctx.settings.num_shards,
+                        cap=ctx.settings.backfill_max,
+                        seen_seq=seen_seq,
+                    )
+                finally:
+                    metrics.BACKFILLS_IN_PROGRESS.dec()
+    except TimeoutError:
+        raise BackfillUnavailableError(
+            product, f"not read within {ctx.settings.backfill_timeout_s:g}s"
+        ) from None
+
+
+async def _send_chunks(conn: ClientConnection, product: str, result: BackfillResult) -> None:
+    ticks = result.ticks
+    for start in range(0, max(len(ticks), 1), BACKFILL_CHUNK):
+        chunk = ticks[start : start + BACKFILL_CHUNK]
+        done = start + BACKFILL_CHUNK >= len(ticks)
+        conn.send_control(backfill_message(product, chunk, done), "backfill")
+        # at most two chunks wait per client: a slow reader holds the backfill back
+        # (and meets the slow-consumer close) instead of the gateway's memory
+        await conn.wait_drained(1)
+
+
+def _newest(*seqs: int | None) -> int | None:
+    present = [s for s in seqs if s is not None]
+    return max(present) if present else None
+
+
+def _error(conn: ClientConnection, code: ErrorCode, message: str, request_id: object) -> None:
     metrics.ERRORS_SENT.labels(code=code).inc()
-    conn.send_control(error(code, message, request_id), "error")  # type: ignore[arg-type]
+    conn.send_control(error(code, message, request_id), "error")
 
 
 async def _write(ws: WebSocket, conn: ClientConnection) -> None:
     slow_s = conn.settings.ws_slow_consumer_s
     while True:
-        timeout = conn.seconds_until_more()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(conn.wakeup.wait(), timeout)
+        if not conn.wakeup.is_set():
+            timeout = conn.seconds_until_more()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await conn.wakeup.wait()
         conn.wakeup.clear()
-        for frame, kind in conn.next_frames():
-            metrics.BUFFER_DEPTH.observe(len(conn.queue))
+        frames = conn.next_frames()
+        if frames:
+            metrics.BUFFER_DEPTH.observe(len(frames))
             try:
-                await asyncio.wait_for(ws.send_text(frame.decode()), slow_s)
+                # one deadline per flush, not per frame: a timer per send costs more than
+                # the send; a client that cannot take a flush in time is a slow consumer
+                async with asyncio.timeout(slow_s):
+                    sent = await (_send_batch(ws, frames) if conn.batch else _send(ws, frames))
             except TimeoutError:
+                metrics.SLOW_CONSUMERS.inc()
+                log.warning("slow_consumer", queued=len(conn.queue), timeout_s=slow_s)
                 conn.request_close(CLOSE_SLOW_CONSUMER, "slow consumer")
-                break
             except (WebSocketDisconnect, RuntimeError, OSError):
                 raise _Closed from None
-            metrics.MESSAGES_OUT.labels(type=kind).inc()
-            metrics.BYTES_OUT.inc(len(frame))
+            else:
+                _count(frames, sent)
+            conn.drained.set()
         if conn.close_code is not None:
             await _close(ws, conn)
             raise _Closed
 
 
+async def _send(ws: WebSocket, frames: list[tuple[Frame, str]]) -> int:
+    sent = 0
+    for frame, _kind in frames:
+        # a shared tick's text is decoded once for all its subscribers
+        if isinstance(frame, LiveTick):
+            text, size = frame.text, len(frame.data)
+        else:
+            text, size = frame.decode(), len(frame)
+        await ws.send({"type": "websocket.send", "text": text})
+        sent += size
+    return sent
+
+
+async def _send_batch(ws: WebSocket, frames: list[tuple[Frame, str]]) -> int:
+    # encode once: the array is the stored tick bytes joined, never re-serialized
+    body = b"[%b]" % b",".join(f.data if isinstance(f, LiveTick) else f for f, _ in frames)
+    await ws.send({"type": "websocket.send", "text": body.decode()})
+    metrics.BATCH_FRAMES.inc()
+    metrics.BATCH_MESSAGES.observe(len(frames))
+    return len(body)
+
+
+def _count(frames: list[tuple[Frame, str]], sent_bytes: int) -> None:
+    ticks = 0
+    for _, kind in frames:
+        if kind == "tick":
+            ticks += 1
+        else:
+            metrics.MESSAGES_OUT.labels(type=kind).inc()
+    if ticks:
+        _TICK_MESSAGES.inc(ticks)
+    metrics.BYTES_OUT.inc(sent_bytes)
+
+
 async def _close(ws: WebSocket, conn: ClientConnection) -> None:
+    # uvicorn only writes the close frame once the socket drains below its high-water
+    # mark: a slow consumer that catches up within the timeout still sees 4008
     with contextlib.suppress(TimeoutError, RuntimeError, OSError, WebSocketDisconnect):
-        await asyncio.wait_for(ws.close(conn.close_code or 1000, conn.close_reason), 2.0)
+        async with asyncio.timeout(_CLOSE_TIMEOUT_S):
+            await ws.close(conn.close_code or 1000, conn.close_reason)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from typing import Annotated
+from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import NoDecode
 
 from services.common.settings import CommonSettings, split_csv
@@ -30,7 +31,37 @@ class GatewaySettings(CommonSettings):
     ws_flood_strikes: int = Field(default=50, ge=1, description="Rate-limited commands → 1008")
     metrics_port: int = Field(default=0, ge=0, le=65535, description="/metrics is on the HTTP port")
 
-    @field_validator("coinbase_products", mode="before")
+    # keepalive: uvicorn pings every interval; no pong within the timeout closes with 1011
+    ws_ping_interval_s: float = Field(default=20.0, gt=0)
+    ws_ping_timeout_s: float = Field(default=20.0, gt=0)
+    ws_per_message_deflate: bool = Field(
+        default=False, description="Offer permessage-deflate (zlib per client per frame)"
+    )
+    ws_batch_flush_ms: float = Field(
+        default=5.0, gt=0, le=1000, description="?batch=true: coalescing window"
+    )
+
+    # who may connect
+    gateway_api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default=[], description="Comma separated; empty = open"
+    )
+    ws_allowed_origins: Annotated[list[str], NoDecode] = Field(
+        default=[], description="Browser Origins allowed on /ws; empty = any"
+    )
+    ws_max_connections_per_key: int = Field(default=100, ge=1)
+    redis_url: str | None = Field(default=None, description="Shared limits across replicas")
+    redis_key_prefix: str = "ledgerflux:gateway:"
+    redis_lease_s: float = Field(
+        default=30.0, ge=3.0, description="A replica's counts expire this long after it dies"
+    )
+    redis_timeout_s: float = Field(default=0.5, gt=0)
+
+    # backfill from MD_TICKS
+    backfill_max: int = Field(default=10_000, ge=1, le=1_000_000)
+    backfill_timeout_s: float = Field(default=5.0, gt=0)
+    backfill_concurrency: int = Field(default=8, ge=1)
+
+    @field_validator("coinbase_products", "gateway_api_keys", "ws_allowed_origins", mode="before")
     @classmethod
     def _split(cls, value: object) -> object:
         return split_csv(value)
@@ -42,3 +73,26 @@ class GatewaySettings(CommonSettings):
         if bad:
             raise ValueError(f"invalid product ids {bad}")
         return [p.upper() for p in products]
+
+    @field_validator("ws_allowed_origins")
+    @classmethod
+    def _check_origins(cls, origins: list[str]) -> list[str]:
+        out = []
+        for origin in origins:
+            parts = urlsplit(origin)
+            if parts.scheme not in {"http", "https"} or not parts.netloc or parts.path.strip("/"):
+                raise ValueError(f"{origin!r} is not an origin (expected https://host[:port])")
+            out.append(normalize_origin(origin))
+        return out
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis(cls, url: str | None) -> str | None:
+        if url and urlsplit(url).scheme not in {"redis", "rediss", "unix"}:
+            raise ValueError(f"{url!r} is not a Redis URL (redis://host:port/db)")
+        return url or None
+
+
+def normalize_origin(origin: str) -> str:
+    """``HTTPS://Example.com:443/`` → ``https://example.com:443``: compare origins by value."""
+    return origin.strip().rstrip("/").lower()

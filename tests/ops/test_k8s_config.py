@@ -31,9 +31,6 @@ SETTINGS: dict[str, type[CommonSettings]] = {
     "snapshotter": SnapshotterSettings,
     "gateway": GatewaySettings,
 }
-# Named by DESIGN §8 for the gateway and set in the manifests, but not settings fields yet:
-# the services ignore unknown variables, so these are inert until the gateway reads them.
-NOT_YET_READ = frozenset({"REDIS_URL", "GATEWAY_API_KEYS"})
 # Read by botocore's credential chain, not by the settings classes.
 AWS_SDK = frozenset({"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"})
 
@@ -69,7 +66,7 @@ def cluster_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, st
 def test_every_setting_is_read_by_a_service(cluster_env: dict[str, str]) -> None:
     """No key of settings.env/secrets.env is a typo that the services would silently ignore."""
     fields = {field.upper() for cls in SETTINGS.values() for field in cls.model_fields}
-    unread = sorted(set(cluster_env) - fields - NOT_YET_READ - AWS_SDK)
+    unread = sorted(set(cluster_env) - fields - AWS_SDK)
     assert not unread, f"not a setting of any service: {unread}"
 
 

@@ -1,0 +1,131 @@
+"""Who may connect: API keys (403 before accept), the Origin allowlist (403), and the
+per-key connection limit (1013) — enforced per process when Redis is unreachable, which
+fails open."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import websockets
+from websockets.exceptions import InvalidStatus
+
+from services.devstack.ports import free_port
+from tests.gateway.helpers import Client, Stack, stack
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+KEYS = ("key-one-9f2c", "key-two-77ab")
+
+
+@pytest.fixture(scope="module")
+async def gw(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
+    async with stack(
+        tmp_path_factory.mktemp("admission"),
+        GATEWAY_API_KEYS=",".join(KEYS),
+        WS_ALLOWED_ORIGINS="https://good.example, http://localhost:8080",
+        WS_MAX_CONNECTIONS_PER_KEY="2",
+        REDIS_URL=f"redis://127.0.0.1:{free_port()}/0",  # nothing listens there
+        REDIS_TIMEOUT_S="0.2",
+    ) as shared:
+        yield shared
+
+
+async def _refused(url: str, **kwargs: Any) -> tuple[int, dict[str, Any]]:
+    with pytest.raises(InvalidStatus) as caught:
+        async with websockets.connect(url, **kwargs):
+            pass
+    response = caught.value.response
+    return response.status_code, json.loads(response.body or b"{}")
+
+
+async def test_a_missing_or_wrong_api_key_is_refused_with_403_before_accept(gw: Stack) -> None:
+    """No key, a wrong key or a malformed header: HTTP 403 with an ``unauthorized`` error
+    body, no WebSocket; the failures are counted by reason."""
+    url = gw.gateway.url
+    cases: list[tuple[str, dict[str, Any]]] = [
+        (url, {}),
+        (url + "?token=nope", {}),
+        (url, {"additional_headers": {"Authorization": "Bearer nope"}}),
+        (url, {"additional_headers": {"Authorization": f"Basic {KEYS[0]}"}}),
+        (url + "?token=" + KEYS[0][:-1], {}),
+    ]
+    for target, kwargs in cases:
+        status, body = await _refused(target, **kwargs)
+        assert status == 403, target
+        assert body["type"] == "error" and body["code"] == "unauthorized", body
+    assert await gw.gateway.wait_metric(
+        "ledgerflux_gateway_auth_failures_total", 2, reason="missing"
+    )
+    assert await gw.gateway.wait_metric(
+        "ledgerflux_gateway_auth_failures_total", 3, reason="invalid"
+    )
+
+
+async def test_a_valid_key_by_query_or_bearer_header_is_served(gw: Stack) -> None:
+    """``?token=`` (what browsers can send) and ``Authorization: Bearer`` both work."""
+    for url, headers in (
+        (gw.gateway.url + f"?token={KEYS[0]}", {}),
+        (gw.gateway.url, {"Authorization": f"Bearer {KEYS[1]}"}),
+    ):
+        async with websockets.connect(url, additional_headers=headers) as ws:
+            assert json.loads(await ws.recv())["type"] == "welcome"
+
+
+async def test_an_origin_outside_the_allowlist_is_refused_with_403(gw: Stack) -> None:
+    """A browser Origin not in WS_ALLOWED_ORIGINS → 403; listed ones (compared
+    case-insensitively) and clients sending no Origin are served."""
+    url = gw.gateway.url + f"?token={KEYS[0]}"
+    for origin in ("https://evil.example", "https://good.example.evil", "null"):
+        status, body = await _refused(url, additional_headers={"Origin": origin})
+        assert (status, body["code"]) == (403, "unauthorized"), origin
+    for origin in ("https://good.example", "HTTP://LOCALHOST:8080"):
+        async with websockets.connect(url, additional_headers={"Origin": origin}) as ws:
+            assert json.loads(await ws.recv())["type"] == "welcome"
+    assert await gw.gateway.wait_metric("ledgerflux_gateway_origin_rejected_total", 3)
+
+
+async def test_the_per_key_limit_holds_per_process_while_redis_is_down(gw: Stack) -> None:
+    """Redis unreachable: the gateway admits (fails open, counted), yet still enforces
+    WS_MAX_CONNECTIONS_PER_KEY within the process: the third socket of a key gets 1013,
+    another key is unaffected, and a freed slot is reusable."""
+    url = gw.gateway.url + "?token="
+    first = [await Client.connect(url + KEYS[0]) for _ in range(2)]
+    for client in first:
+        assert (await client.recv())["type"] == "welcome"
+    third = await Client.connect(url + KEYS[0])
+    assert await third.close_code() == 1013
+    other = await Client.connect(url + KEYS[1])
+    assert (await other.recv())["type"] == "welcome"
+    # the start-up heartbeat already found Redis down: the connect path then skips it
+    assert await gw.gateway.wait_metric("ledgerflux_gateway_redis_errors_total", 1, op="heartbeat")
+    assert await gw.gateway.wait_metric("ledgerflux_gateway_redis_up", 0) == 0
+    assert "redis_unavailable_failing_open" in gw.gateway.proc.log_path.read_text()
+    assert await gw.gateway.wait_metric(
+        "ledgerflux_gateway_key_limit_rejected_total", 1, scope="process"
+    )
+    await first.pop().close()
+    deadline = time.monotonic() + 5
+    while True:
+        retry = await Client.connect(url + KEYS[0])
+        message = await retry.recv()
+        if message["type"] == "welcome":
+            break
+        assert time.monotonic() < deadline, "the freed slot was never reusable"
+        await asyncio.sleep(0.05)
+    for client in [*first, other, retry]:
+        await client.close()
+
+
+async def test_api_keys_never_reach_the_logs(gw: Stack) -> None:
+    """Neither valid nor presented keys appear in the gateway's log."""
+    await _refused(gw.gateway.url + "?token=presented-secret-123")
+    await asyncio.sleep(0.2)
+    log = gw.gateway.proc.log_path.read_text()
+    assert "auth_failed" in log
+    for secret in (*KEYS, "presented-secret-123"):
+        assert secret not in log

@@ -1,0 +1,35 @@
+"""Graceful shutdown: SIGTERM closes every client with 1001 after flushing, then exits 0."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from tests.gateway.conftest import StartGateway
+from tests.gateway.helpers import Client, Feed
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
+
+
+async def test_sigterm_closes_clients_with_1001_after_flushing_and_exits_0(
+    start_gateway: StartGateway, feed: Feed
+) -> None:
+    """Plain and batch clients, subscribed and receiving, all get close 1001 ("going away")
+    with every tick published before the signal sent first; the process exits 0."""
+    gateway = await start_gateway(WS_BATCH_FLUSH_MS="50")
+    await feed.publish([("BTC-USD", 1)])
+    clients = [await Client.connect(gateway.url), await Client.connect(gateway.url + "?batch=1")]
+    for client in clients:
+        await client.send({"op": "subscribe", "products": ["BTC-USD"], "snapshot": False})
+        await client.until(lambda c: bool(c.of_type("subscribed")))
+    # published just before the signal: the 50 ms batch window still holds them
+    await feed.publish(("BTC-USD", s) for s in range(2, 40))
+    codes = asyncio.gather(*(client.close_code() for client in clients))
+    exit_code = await gateway.proc.terminate()
+    assert await codes == [1001, 1001]
+    assert exit_code == 0, gateway.proc.tail()
+    for client in clients:
+        assert [t["seq"] for t in client.ticks("BTC-USD")] == list(range(2, 40))
+    events = [e["event"] for e in gateway.proc.events()]
+    assert "service_stopped" in events

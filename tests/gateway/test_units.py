@@ -1,0 +1,107 @@
+"""The gateway's pure parts, without servers: token bucket, admission checks, backfill
+requests, the hand-over buffer and the per-process key limit."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+from pydantic import ValidationError
+
+from services.gateway.admission import Gatekeeper, presented_key
+from services.gateway.connection import ClientConnection
+from services.gateway.limits import KeyLimiter, key_id
+from services.gateway.protocol import Backfill, BadCommandError, backfill_spec
+from services.gateway.ratelimit import TokenBucket
+from services.gateway.settings import GatewaySettings
+from services.gateway.ticks import LiveTick
+from tests.gateway.helpers import make_tick
+
+
+def test_token_bucket_allows_burst_plus_rate_times_elapsed() -> None:
+    """Over t seconds at most B + R·t tokens, however the takes are spread; idle time
+    beyond a full bucket earns nothing."""
+    bucket = TokenBucket(rate=10, burst=5)
+    start = bucket._stamp
+    taken = sum(bucket.take(start + i * 0.01) for i in range(300))  # over 2.99 s
+    assert taken == int(5 + 10 * 2.99)
+    idle = start + 3 + 3600.0
+    assert sum(bucket.take(idle) for _ in range(100)) == 5
+
+
+def test_presented_key_comes_from_token_or_bearer() -> None:
+    """``?token=`` wins, then ``Authorization: Bearer``; other schemes present nothing."""
+    assert presented_key({"token": "q"}, {"authorization": "Bearer h"}) == "q"
+    assert presented_key({}, {"authorization": "bearer  h "}) == "h"
+    assert presented_key({}, {"authorization": "Basic h"}) is None
+    assert presented_key({}, {}) is None
+
+
+def test_gatekeeper_checks_keys_and_origins() -> None:
+    """Keys must match exactly (any configured one); no keys = open. Origins compare
+    case-insensitively without a trailing slash; no allowlist or no Origin = allowed."""
+    guarded = Gatekeeper(
+        GatewaySettings.model_validate(
+            {"gateway_api_keys": "k1,k2", "ws_allowed_origins": "https://a.example/"}
+        )
+    )
+    assert guarded.key_valid("k2") and not guarded.key_valid("k") and not guarded.key_valid(None)
+    assert guarded.origin_allowed("HTTPS://A.EXAMPLE") and guarded.origin_allowed(None)
+    assert not guarded.origin_allowed("https://b.example")
+    assert not guarded.origin_allowed("null")
+    open_gate = Gatekeeper(GatewaySettings())
+    assert open_gate.key_valid(None) and open_gate.origin_allowed("https://any.example")
+
+
+def test_settings_keep_keys_secret_and_reject_bad_origins() -> None:
+    """API keys never show in the settings' repr; an origin with a path is a config error."""
+    settings = GatewaySettings.model_validate({"gateway_api_keys": "super-secret"})
+    assert "super-secret" not in repr(settings)
+    with pytest.raises(ValidationError):
+        GatewaySettings.model_validate({"ws_allowed_origins": "https://a.example/page"})
+    with pytest.raises(ValidationError):
+        GatewaySettings(redis_url="http://not-redis")
+
+
+def test_backfill_spec_needs_exactly_one_form_and_a_zoned_time() -> None:
+    """One of last/since_seq/since_time; since_time is RFC 3339 with a zone."""
+    assert backfill_spec(Backfill(last=3), "r").last == 3
+    when = backfill_spec(Backfill(since_time="2026-11-28T15:00:00.5Z"), "r").since_time
+    assert when == datetime(2026, 11, 28, 15, 0, 0, 500000, tzinfo=UTC)
+    for bad in (
+        Backfill(),
+        Backfill(last=1, since_seq=2),
+        Backfill(since_time="2026-11-28 15:00:00"),
+        Backfill(since_time="2026-11-28"),
+        Backfill(since_time="soon"),
+    ):
+        with pytest.raises(BadCommandError) as caught:
+            backfill_spec(bad, "r")
+        assert caught.value.request_id == "r"
+
+
+async def test_handover_buffer_releases_newer_ticks_and_announces_overflow() -> None:
+    """Live ticks held during a backfill are released after it, only those newer than its
+    last tick; past the buffer's bound only the newest survives, with ``skipped``."""
+    settings = GatewaySettings(backfill_max=3, ws_max_msgs_per_sec=1e6, ws_burst=10**6)
+    conn = ClientConnection("c", settings)
+    conn.hold_live("A-USD")
+    for seq in range(1, 8):
+        conn.offer_tick("A-USD", LiveTick(make_tick("A-USD", seq), b"%d" % seq))
+    assert not conn.queue
+    conn.release_live("A-USD", 1)
+    frames = [frame for frame, _ in conn.next_frames()]
+    assert [f.seq if isinstance(f, LiveTick) else f for f in frames[:2]] == [2, 3]
+    last = frames[2]
+    assert isinstance(last, bytes) and b'"seq":7' in last and b'"skipped":3' in last
+
+
+async def test_key_limiter_without_redis_counts_per_process() -> None:
+    """Without REDIS_URL the per-key limit holds within the process, per key."""
+    limiter = KeyLimiter(GatewaySettings(ws_max_connections_per_key=2))
+    a, b = key_id("a"), key_id("b")
+    assert a != b and len(a) == 16
+    assert [await limiter.acquire(a) for _ in range(3)] == [True, True, False]
+    assert await limiter.acquire(b)
+    await limiter.release(a)
+    assert await limiter.acquire(a)
