@@ -216,7 +216,19 @@ def run_demo(options: DemoOptions) -> int:
         print("\nstopping ...", flush=True)
     except DemoError as exc:
         print(f"demo failed: {exc}", file=sys.stderr, flush=True)
-        demo.stop()
+        _stop_undisturbed(demo)
         return 1
-    demo.stop()
+    _stop_undisturbed(demo)
     return 0
+
+
+def _stop_undisturbed(demo: Demo) -> None:
+    """Stop everything even if more signals come: a terminal's Ctrl-C reaches make, uv and
+    us, so a second SIGINT arriving mid-shutdown is normal and must not cut it short."""
+
+    def already_stopping(_sig: int, _frame: object) -> None:
+        print("  (already stopping: every process is being shut down in order)", flush=True)
+
+    signal.signal(signal.SIGINT, already_stopping)
+    signal.signal(signal.SIGTERM, already_stopping)
+    demo.stop()
