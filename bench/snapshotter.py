@@ -112,7 +112,8 @@ async def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         proc = ServiceProcess(
             "snapshotter",
             {**env, "DDB_TABLE": "latest", "S3_BUCKET": "bench", "METRICS_PORT": str(metrics_port),
-             "SNAPSHOT_PERIOD_MS": "2000", "LOG_LEVEL": "INFO"},
+             "SNAPSHOT_PERIOD_MS": "2000", "LOG_LEVEL": "INFO",
+             "MAX_ACK_PENDING": str(args.max_ack_pending)},
             root,
         ).start()  # fmt: skip
         try:
@@ -159,6 +160,9 @@ def main() -> int:
     parser.add_argument("--ticks", type=int, default=100_000)
     parser.add_argument("--products", type=int, default=1000)
     parser.add_argument("--naive-s", type=float, default=10.0)
+    parser.add_argument(
+        "--max-ack-pending", type=int, default=50_000, help="the snapshotter's coalescing window"
+    )
     args = parser.parse_args()
     print("snapshotter benchmark", flush=True)
     with tempfile.TemporaryDirectory() as tmp:

@@ -250,6 +250,7 @@ async def durable_pull(
     filter_subjects: list[str],
     max_ack_pending: int = 20_000,
     ack_wait_s: float = 30.0,
+    ack_policy: AckPolicy = AckPolicy.EXPLICIT,
 ) -> JetStreamContext.PullSubscription:
     """Bind to a durable pull consumer, creating it or rewinding it first when needed.
 
@@ -261,7 +262,7 @@ async def durable_pull(
     """
     config = ConsumerConfig(
         durable_name=durable,
-        ack_policy=AckPolicy.EXPLICIT,
+        ack_policy=ack_policy,
         ack_wait=ack_wait_s,
         max_ack_pending=max_ack_pending,
         deliver_policy=DeliverPolicy.ALL,
@@ -282,6 +283,7 @@ async def durable_pull(
             sorted(current_filters) != sorted(filter_subjects)
             or current.max_ack_pending != max_ack_pending
             or current.ack_wait != ack_wait_s
+            or current.ack_policy != ack_policy
         )
         if info.num_ack_pending or changed:
             floor = info.ack_floor.stream_seq if info.ack_floor else 0

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import aioboto3
 from nats.js import JetStreamContext
+from nats.js.api import AckPolicy
 
 from services.common import broker
 from services.common.lifecycle import EXIT_CONFIG, run_service
@@ -50,6 +51,9 @@ async def main(settings: SnapshotterSettings, stop: asyncio.Event) -> None:
                 durable=durable,
                 filter_subjects=[f"{TICKS_PREFIX}{s}.>" for s in sorted(settings.owned_shards)],
                 max_ack_pending=settings.max_ack_pending,
+                # passes are flushed in stream order, so one ack of a pass's last message
+                # covers the whole pass (instead of tens of thousands of acks)
+                ack_policy=AckPolicy.ALL,
             )
             subs.append(sub)
             state = await _warm_state(js, ddb, settings, durable)

@@ -19,6 +19,7 @@ from nats.js import JetStreamContext
 from services.common.broker import fetch_batch
 from services.common.logging import get_logger
 from services.common.models import decode_tick
+from services.common.subjects import product_of_tick
 from services.snapshotter import metrics
 from services.snapshotter.ddb import LatestTick, LatestWriter
 from services.snapshotter.settings import SnapshotterSettings
@@ -27,33 +28,64 @@ from services.snapshotter.state import DurableState
 log = get_logger(__name__)
 
 
+class _SeqOnly(msgspec.Struct):
+    seq: int
+
+
+_seq_decoder = msgspec.json.Decoder(_SeqOnly)
+
+
 @dataclass
 class Pass:
-    """Ticks fetched since the last flush: the newest per product and what to ack."""
+    """Ticks fetched since the last flush: the newest message per product, and the last
+    message of the pass (acking it acks the pass: AckPolicy.ALL)."""
 
-    latest: dict[str, LatestTick] = field(default_factory=dict)
-    msgs: list[Msg] = field(default_factory=list)
+    newest: dict[str, tuple[int, Msg]] = field(default_factory=dict)
+    count: int = 0
+    last: Msg | None = None
 
     def add(self, msgs: list[Msg]) -> None:
+        newest = self.newest
         for msg in msgs:
+            product = product_of_tick(msg.subject)
+            try:
+                seq = _seq_decoder.decode(msg.data).seq
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                metrics.BAD_TICKS.inc()
+                log.error("bad_tick_on_stream", subject=msg.subject, error=str(exc))
+                continue
+            if product is None:
+                metrics.BAD_TICKS.inc()
+                log.error("bad_tick_on_stream", subject=msg.subject, error="no product")
+                continue
+            current = newest.get(product)
+            if current is None or seq > current[0]:
+                newest[product] = (seq, msg)
+        self.count += len(msgs)
+        self.last = msgs[-1]
+        metrics.TICKS_IN.inc(len(msgs))
+
+    def winners(self) -> list[LatestTick]:
+        """The tick to write per product (decoded in full only here: one per product)."""
+        out = []
+        for product, (_seq, msg) in self.newest.items():
             try:
                 tick = decode_tick(msg.data)
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
                 metrics.BAD_TICKS.inc()
                 log.error("bad_tick_on_stream", subject=msg.subject, error=str(exc))
                 continue
-            current = self.latest.get(tick.product)
-            if current is None or tick.seq > current.seq:
-                self.latest[tick.product] = LatestTick(
-                    product=tick.product,
+            out.append(
+                LatestTick(
+                    product=product,
                     seq=tick.seq,
                     tick_json=msg.data.decode(),
                     price=tick.price,
                     time=tick.time,
                     stream_seq=msg.metadata.sequence.stream,
                 )
-        self.msgs.extend(msgs)
-        metrics.TICKS_IN.inc(len(msgs))
+            )
+        return out
 
 
 async def consume(
@@ -74,7 +106,7 @@ async def consume(
     async def fetcher() -> None:
         try:
             while not stop.is_set():
-                if len(current.msgs) >= limit:
+                if current.count >= limit:
                     room.clear()
                     await _wait_any(room, stop)
                     continue
@@ -91,25 +123,25 @@ async def consume(
         while True:
             await have_work.wait()
             have_work.clear()
-            if not current.msgs:
+            if current.last is None:
                 if fetching_done.is_set():
                     return
                 continue
             flushing, current = current, Pass()
             room.set()
             if not await flush(flushing):
-                log.warning("pass_abandoned_on_stop", ticks=len(flushing.msgs))
+                log.warning("pass_abandoned_on_stop", ticks=flushing.count)
                 return  # not acked: redelivered to whoever consumes next
 
     async def flush(work: Pass) -> bool:
-        written = list(work.latest.values())
+        written = work.winners()
         if not await writer.write_all(written, stop):
             return False
-        for msg in work.msgs:
-            await msg.ack()
+        assert work.last is not None
+        await work.last.ack()  # AckPolicy.ALL: covers every message of the pass
         if written:
-            metrics.COALESCE_RATIO.set(len(work.msgs) / len(written))
-        state.apply(written, max(m.metadata.sequence.stream for m in work.msgs))
+            metrics.COALESCE_RATIO.set(work.count / len(written))
+        state.apply(written, work.last.metadata.sequence.stream)
         return True
 
     async with asyncio.TaskGroup() as tg:
