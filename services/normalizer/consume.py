@@ -53,8 +53,7 @@ class Normalizer:
         if not await self._publish_until_acked(result, stop):
             return False
         self.last_seq.update(result.staged)
-        for msg in msgs:
-            await msg.ack()
+        await msgs[-1].ack()  # AckPolicy.ALL: acks the whole batch
         self._record(result, len(msgs), cpu_s, time.perf_counter() - started)
         return True
 
