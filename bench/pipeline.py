@@ -126,20 +126,13 @@ async def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             "WS_SEND_QUEUE": "1000000", "METRICS_PORT": "0",
             "RECONNECT_INITIAL_S": "0.1", "RECONNECT_MAX_S": "0.5",
         }  # fmt: skip
-        services = [ServiceProcess(n, env, root).start()
-                    for n in ("normalizer", "snapshotter", "gateway", "ingestor")]  # fmt: skip
+        names = ["normalizer", "gateway", "ingestor"]
+        if not args.no_snapshotter:
+            names.insert(1, "snapshotter")
+        services = [ServiceProcess(n, env, root).start() for n in names]
         try:
-            for proc, event in zip(
-                services,
-                (
-                    "normalizer_started",
-                    "snapshotter_started",
-                    "gateway_started",
-                    "ingestor_started",
-                ),
-                strict=True,
-            ):
-                await proc.wait_for_event(event, timeout=90)
+            for proc, name in zip(services, names, strict=True):
+                await proc.wait_for_event(f"{name}_started", timeout=90)
             for rate in args.rates:
                 print(f"  load {rate:,.0f} ticks/s for {args.seconds:.0f} s", flush=True)
                 results["loads"].append(
@@ -156,6 +149,11 @@ def main() -> int:
     parser.add_argument("--products", type=int, default=100)
     parser.add_argument("--rates", type=float, nargs="+", default=[1000, 5000, 20000, 1e6])
     parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument(
+        "--no-snapshotter",
+        action="store_true",
+        help="leave the snapshotter (and DynamoDB's JVM) out, to see what it costs the rest",
+    )
     args = parser.parse_args()
     print("pipeline benchmark", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
