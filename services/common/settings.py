@@ -27,6 +27,14 @@ def split_csv(value: object) -> object:
     return value
 
 
+def _redact(url: str) -> str:
+    """The URL without its user:password part."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest.split("/", 1)[0]:
+        return url
+    return f"{scheme}://***@{rest.split('@', 1)[1]}"
+
+
 class ConfigError(Exception):
     """Settings that cannot run; the message is the one line shown to the operator."""
 
@@ -75,16 +83,17 @@ class CommonSettings(BaseSettings):
             raise ValueError("at least one NATS URL is required")
         for url in urls:
             parts = urlsplit(url)
+            shown = repr(_redact(url))
             try:
                 port = parts.port
             except ValueError as exc:
-                raise ValueError(f"{url!r}: {exc}") from None
+                raise ValueError(f"{shown}: {exc}") from None
             if parts.scheme not in _NATS_SCHEMES or not parts.hostname:
                 raise ValueError(
-                    f"{url!r} is not a NATS URL (expected nats://host:port, comma separated)"
+                    f"{shown} is not a NATS URL (expected nats://host:port, comma separated)"
                 )
             if port == 0:
-                raise ValueError(f"{url!r}: port 0 is not a server port")
+                raise ValueError(f"{shown}: port 0 is not a server port")
         return urls
 
     @classmethod
@@ -118,10 +127,15 @@ def _parse_flags(model: type[BaseSettings], argv: list[str], prog: str | None) -
     return dict(vars(namespace))
 
 
+_SECRET_HINTS = ("KEY", "SECRET", "TOKEN", "PASSWORD", "URL")
+
+
 def _describe(exc: ValidationError) -> str:
     problems = []
     for error in exc.errors():
         field = ".".join(str(part) for part in error["loc"]) or "settings"
         env = field.split(".")[0].upper()
-        problems.append(f"{env}: {error['msg']} (got {error.get('input')!r})")
+        # URLs may carry credentials and keys are secrets: never echo those values
+        shown = "" if any(h in env for h in _SECRET_HINTS) else f" (got {error.get('input')!r})"
+        problems.append(f"{env}: {error['msg']}{shown}")
     return "; ".join(problems)

@@ -110,3 +110,12 @@ def test_empty_env_values_mean_default(monkeypatch: pytest.MonkeyPatch) -> None:
     settings = SnapshotterSettings.load([])
     assert settings.ddb_endpoint_url is None
     assert settings.snapshotter_shards is None
+
+
+def test_config_errors_never_echo_urls_or_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bad NATS_URLS (which may hold credentials) is named, its value is not printed."""
+    monkeypatch.setenv("NATS_URLS", "http://user:hunter2@host:4222")
+    with pytest.raises(ConfigError) as excinfo:
+        IngestorSettings.load([])
+    assert "NATS_URLS" in str(excinfo.value)
+    assert "hunter2" not in str(excinfo.value)
