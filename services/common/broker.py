@@ -211,7 +211,7 @@ class Publisher:
         if not items:
             return []
         futures = [item.future for item in items]
-        done, not_done = await asyncio.wait(futures, timeout=self._ack_timeout_s)
+        _done, not_done = await asyncio.wait(futures, timeout=self._ack_timeout_s)
         for future in not_done:
             future.cancel()
         metrics.PUBLISH_IN_FLIGHT.set(self.js.publish_async_pending())
@@ -238,7 +238,6 @@ class Publisher:
             raise PublishTimeoutError(len(not_done), self._ack_timeout_s)
         if first_error is not None:
             raise BrokerError(f"publish failed: {first_error!r}") from first_error
-        del done
         return acks
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import sys
 from collections.abc import Awaitable, Callable, Sequence
 
 import uvloop
@@ -71,8 +70,3 @@ async def _supervise[S: CommonSettings](
         stop_metrics_server(metrics_server)
     log.info("service_stopped")
     return EXIT_OK
-
-
-def exit_with(code: int) -> None:
-    sys.stdout.flush()
-    sys.exit(code)

@@ -16,6 +16,8 @@ from urllib.parse import urlsplit
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from services.common.subjects import is_valid_product
+
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 _NATS_SCHEMES = {"nats", "tls", "ws", "wss"}
 
@@ -33,6 +35,14 @@ def _redact(url: str) -> str:
     if not sep or "@" not in rest.split("/", 1)[0]:
         return url
     return f"{scheme}://***@{rest.split('@', 1)[1]}"
+
+
+def normalize_products(products: list[str]) -> list[str]:
+    """Upper-cased, de-duplicated product ids, each usable as one subject token."""
+    bad = [p for p in products if not is_valid_product(p)]
+    if bad:
+        raise ValueError(f"invalid product ids {bad}")
+    return list(dict.fromkeys(p.upper() for p in products))
 
 
 class ConfigError(Exception):

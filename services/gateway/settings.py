@@ -8,8 +8,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import NoDecode
 
-from services.common.settings import CommonSettings, split_csv
-from services.common.subjects import is_valid_product
+from services.common.settings import CommonSettings, normalize_products, split_csv
 
 
 class GatewaySettings(CommonSettings):
@@ -69,10 +68,7 @@ class GatewaySettings(CommonSettings):
     @field_validator("coinbase_products")
     @classmethod
     def _check_products(cls, products: list[str]) -> list[str]:
-        bad = [p for p in products if not is_valid_product(p)]
-        if bad:
-            raise ValueError(f"invalid product ids {bad}")
-        return [p.upper() for p in products]
+        return normalize_products(products)
 
     @field_validator("ws_allowed_origins")
     @classmethod

@@ -16,6 +16,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from services.common.aio import wait_any
 from services.common.broker import PendingPublish, Publisher
 from services.common.logging import get_logger
 from services.ingestor import metrics
@@ -91,13 +92,7 @@ class OutboundBuffer:
         """Return when there is something to send, or ``stop`` is set."""
         if self._items or stop.is_set():
             return
-        stop_wait = asyncio.ensure_future(stop.wait())
-        ready_wait = asyncio.ensure_future(self._ready.wait())
-        try:
-            await asyncio.wait({stop_wait, ready_wait}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stop_wait.cancel()
-            ready_wait.cancel()
+        await wait_any(stop, self._ready)
 
 
 async def publish_loop(

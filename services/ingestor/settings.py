@@ -7,8 +7,7 @@ from typing import Annotated
 from pydantic import Field, field_validator
 from pydantic_settings import NoDecode
 
-from services.common.settings import CommonSettings, split_csv
-from services.common.subjects import is_valid_product
+from services.common.settings import CommonSettings, normalize_products, split_csv
 
 KNOWN_CHANNELS = ("ticker", "heartbeat", "matches", "status")
 
@@ -43,10 +42,7 @@ class IngestorSettings(CommonSettings):
     def _check_products(cls, products: list[str]) -> list[str]:
         if not products:
             raise ValueError("at least one product is required")
-        bad = [p for p in products if not is_valid_product(p)]
-        if bad:
-            raise ValueError(f"invalid product ids {bad}")
-        return list(dict.fromkeys(p.upper() for p in products))
+        return normalize_products(products)
 
     @field_validator("coinbase_channels")
     @classmethod

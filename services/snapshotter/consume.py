@@ -16,6 +16,7 @@ import msgspec
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
+from services.common.aio import wait_any
 from services.common.broker import fetch_batch
 from services.common.logging import get_logger
 from services.common.models import decode_tick
@@ -108,7 +109,7 @@ async def consume(
             while not stop.is_set():
                 if current.count >= limit:
                     room.clear()
-                    await _wait_any(room, stop)
+                    await wait_any(room, stop)
                     continue
                 msgs = await fetch_batch(sub, settings.fetch_batch, settings.fetch_timeout_s)
                 if msgs:
@@ -147,12 +148,3 @@ async def consume(
     async with asyncio.TaskGroup() as tg:
         tg.create_task(fetcher())
         tg.create_task(flusher())
-
-
-async def _wait_any(*events: asyncio.Event) -> None:
-    waiters = [asyncio.ensure_future(e.wait()) for e in events]
-    try:
-        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for waiter in waiters:
-            waiter.cancel()

@@ -155,14 +155,3 @@ async def read_latest(ddb: DynamoDBClient, table: str) -> dict[str, LatestTick]:
                 stream_seq=int(item.get("stream_seq", {}).get("N", "0")),
             )
     return out
-
-
-async def delete_all(ddb: DynamoDBClient, table: str) -> int:
-    """Remove every item (restore starts from an empty table); returns how many."""
-    deleted = 0
-    paginator = ddb.get_paginator("scan")
-    async for page in paginator.paginate(TableName=table, ProjectionExpression="product"):
-        for item in page.get("Items", []):
-            await ddb.delete_item(TableName=table, Key={"product": item["product"]})
-            deleted += 1
-    return deleted
