@@ -65,9 +65,15 @@ def _stats(port: int) -> dict[str, Any]:
         return result
 
 
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process so far (how the two cores were shared)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def one_load(
     rate: float, seconds: float, products: list[str], env: dict[str, str], feed_port: int,
-    gateway_port: int, logs: Path,
+    gateway_port: int, logs: Path, sequence_base: int, pids: dict[str, int],
 ) -> dict[str, Any]:  # fmt: skip
     total = int(rate * seconds)
     client = subprocess.Popen(  # noqa: ASYNC220 - started once per load, off the hot path
@@ -82,8 +88,10 @@ async def one_load(
         "feedsim", {}, logs,
         ["--host", "127.0.0.1", "--port", str(feed_port), "--products", ",".join(products),
          "--rate", str(rate), "--max-ticks", str(total), "--wait-subscribers", "1",
-         "--compression", "none", "--seed", "3"],
+         "--compression", "none", "--seed", "3", "--sequence-base", str(sequence_base)],
     ).start()  # fmt: skip
+    pids = {**pids, "feedsim": feed.pid, "client": client.pid}
+    cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
     started = time.monotonic()
     try:
         while True:
@@ -95,12 +103,15 @@ async def one_load(
                 pass
             await asyncio.sleep(0.2)
         feed_s = time.monotonic() - started
+        await asyncio.sleep(1.0)  # let the pipeline drain before reading CPU times
+        cpu = {name: round(cpu_seconds(pid) - cpu_before[name], 2) for name, pid in pids.items()}
         out, _ = await asyncio.to_thread(client.communicate)
     finally:
         await feed.terminate()
     summary: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
     summary.update(offered_rate=rate, emitted=stats["ticks_total"], feed_seconds=feed_s,
-                   delivered_per_s=summary["ticks"] / feed_s)  # fmt: skip
+                   delivered_per_s=summary["ticks"] / feed_s, cpu_seconds=cpu,
+                   lost=stats["ticks_total"] - summary["ticks"])  # fmt: skip
     return summary
 
 
@@ -133,11 +144,16 @@ async def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         try:
             for proc, name in zip(services, names, strict=True):
                 await proc.wait_for_event(f"{name}_started", timeout=90)
-            for rate in args.rates:
+            pids = {name: proc.pid for name, proc in zip(names, services, strict=True)}
+            pids |= {s.name: s.pid for s in stack.servers if s.pid is not None}
+            for index, rate in enumerate(args.rates):
                 print(f"  load {rate:,.0f} ticks/s for {args.seconds:.0f} s", flush=True)
+                # each load's feed starts above the last one's sequences: the normalizer
+                # would rightly drop a restarted feed's lower sequences as old
                 results["loads"].append(
-                    await one_load(rate, args.seconds, products, env, feed_port, gateway_port, root)
-                )
+                    await one_load(rate, args.seconds, products, env, feed_port, gateway_port,
+                                   root, (index + 1) * 10**10, pids)
+                )  # fmt: skip
         finally:
             for proc in services:
                 await proc.terminate(timeout=20)
@@ -166,6 +182,8 @@ def main() -> int:
         print(f"{load['offered_rate']:>10,.0f}{load['delivered_per_s']:>12,.0f}{load['emitted']:>9}"
               f"{load['ticks']:>9}{load['p50_ms'] or 0:>8.2f}{load['p99_ms'] or 0:>8.2f}"
               f"{load['p999_ms'] or 0:>8.2f}{load['max_ms'] or 0:>8.1f}")  # fmt: skip
+        busiest = sorted(load["cpu_seconds"].items(), key=lambda kv: -kv[1])
+        print("    CPU s: " + ", ".join(f"{name} {sec:.1f}" for name, sec in busiest))
     print(f"baseline nats-py core pub→sub: {results['baseline_nats_pubsub_per_s']:,.0f} msg/s")
     return 0
 

@@ -193,7 +193,7 @@ class ProductModel:
         "volume_30d",
     )
 
-    def __init__(self, spec: ProductSpec, seed: int, now_ns: int) -> None:
+    def __init__(self, spec: ProductSpec, seed: int, now_ns: int, sequence_base: int = 0) -> None:
         self.spec = spec
         self.product_id = spec.product_id
         self._r = random.Random(derive_seed(seed, spec.product_id, "market")).random
@@ -214,7 +214,7 @@ class ProductModel:
         self._trade_sizes = _size_table(upq, _FILL_VALUES)
         self._book_sizes = _size_table(upq, _LEVEL_VALUES)
         self._id_salt = derive_seed(seed, spec.product_id, "ids")
-        self.sequence = 100_000_000 + int(r() * 9_000_000_000)
+        self.sequence = sequence_base + 100_000_000 + int(r() * 9_000_000_000)
         self.trade_id = 1_000_000 + int(r() * 900_000_000)
         self.volume_24h = int(upq * 10 ** (7.5 + 1.5 * r()))  # $30M..$1B a day
         self.volume_30d = self.volume_24h * 25 + int(upq * 10 ** (8 + 2 * r()))
@@ -395,9 +395,12 @@ class ProductModel:
 class Market:
     """All product models plus the scheduler that splits ``--rate`` across them."""
 
-    def __init__(self, product_ids: list[str], *, seed: int, skew: float, now_ns: int) -> None:
+    def __init__(
+        self, product_ids: list[str], *, seed: int, skew: float, now_ns: int, sequence_base: int = 0
+    ) -> None:
         self.models = {
-            p: ProductModel(derive_spec(p), seed, now_ns) for p in dict.fromkeys(product_ids)
+            p: ProductModel(derive_spec(p), seed, now_ns, sequence_base)
+            for p in dict.fromkeys(product_ids)
         }
         self._order = list(self.models.values())
         weights = [1.0 / (i + 1) ** skew for i in range(len(self._order))]

@@ -42,6 +42,9 @@ class FeedSimSettings(BaseSettings):
     # Zipf-like split of --rate: product i (in --products order) gets weight 1/(i+1)**skew.
     rate_skew: float = Field(default=0.5, ge=0, le=5)
     seed: int = 1
+    # Added to every product's first sequence: a restarted simulator that must continue
+    # above the sequences a consumer has already seen (benchmarks run several feeds).
+    sequence_base: int = Field(default=0, ge=0, le=10**15)
     max_ticks: int = Field(default=0, ge=0)  # stop the market after this many ticks (0 = never)
     # Market mode: hold ticks until this many clients hold a subscription (0 = start at once).
     # Replay mode: default 1.

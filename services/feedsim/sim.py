@@ -160,7 +160,11 @@ class FeedSim:
             self._valid_products = frozenset(self._replay_products)
         else:
             self.market = Market(
-                s.product_ids, seed=s.seed, skew=s.rate_skew, now_ns=time.time_ns()
+                s.product_ids,
+                seed=s.seed,
+                skew=s.rate_skew,
+                now_ns=time.time_ns(),
+                sequence_base=s.sequence_base,
             )
             for model in self.market.models.values():
                 model.last_frame = encode(model.last)

@@ -177,6 +177,18 @@ def test_product_stream_independent_of_other_products() -> None:
     )
 
 
+def test_sequence_base_shifts_sequences_only() -> None:
+    """--sequence-base lifts every sequence by the same amount; prices and sizes are unchanged."""
+    plain = _stream(Market(["BTC-USD"], seed=5, skew=0.5, now_ns=0).models["BTC-USD"], 50)
+    lifted = _stream(
+        Market(["BTC-USD"], seed=5, skew=0.5, now_ns=0, sequence_base=10**12).models["BTC-USD"],
+        50,
+    )
+    assert [m["sequence"] - 10**12 for m in lifted] == [m["sequence"] for m in plain]
+    assert [m["price"] for m in lifted] == [m["price"] for m in plain]
+    assert parse_settings(["--sequence-base", "5"]).sequence_base == 5
+
+
 def test_env_and_cli_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     """FEEDSIM_* env vars configure the simulator; CLI flags override them."""
     monkeypatch.setenv("FEEDSIM_PRODUCTS", "BTC-USD, ETH-USD")
