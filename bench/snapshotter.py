@@ -90,7 +90,7 @@ async def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         print(f"  naive one-put-per-tick writer for {args.naive_s:.0f} s", flush=True)
         async with session.client("dynamodb", **ddb_client_kwargs(snap_settings)) as ddb:  # type: ignore[call-overload]
             await ensure_table(ddb, "naive", create=True)
-            writer = LatestWriter(ddb, "naive", 32)
+            writer = LatestWriter(ddb, "naive", 32, items_per_call=1)
             stop = asyncio.Event()
             written = 0
             started = time.perf_counter()

@@ -65,7 +65,9 @@ async def main(settings: SnapshotterSettings, stop: asyncio.Event) -> None:
                 products=len(state.latest),
                 covered_stream_seq=state.covered_stream_seq,
             )
-            writer = LatestWriter(ddb, settings.ddb_table, settings.ddb_max_concurrency)
+            writer = LatestWriter(
+                ddb, settings.ddb_table, settings.ddb_max_concurrency, settings.ddb_items_per_call
+            )
             snapshots = SnapshotWriter(s3, settings, state)
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(consume(settings, sub, writer, state, stop))

@@ -4,12 +4,15 @@ passes back to back, ack after the write that covers each message.
 Fetching and flushing overlap: while one pass writes, the next pass accumulates. Under load
 each pass therefore covers more ticks with the same number of writes (one per dirty
 product) — that is what lets DynamoDB keep up (infra-notes: ~700 conditional writes/s
-locally). Memory is bounded by ``MAX_ACK_PENDING`` un-acked messages.
+locally). A pass opens at most every ``DDB_FLUSH_INTERVAL_MS``, so at low rates too a write
+covers a window of ticks instead of one or two. Memory is bounded by ``MAX_ACK_PENDING``
+un-acked messages.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import dataclass, field
 
 import msgspec
@@ -103,6 +106,7 @@ async def consume(
     fetching_done = asyncio.Event()
     # leave room for one more fetch under the server's max_ack_pending
     limit = max(settings.fetch_batch, settings.max_ack_pending - settings.fetch_batch)
+    interval_s = settings.ddb_flush_interval_ms / 1000
 
     async def fetcher() -> None:
         try:
@@ -121,6 +125,8 @@ async def consume(
 
     async def flusher() -> None:
         nonlocal current
+        loop = asyncio.get_running_loop()
+        next_flush_at = loop.time()
         while True:
             await have_work.wait()
             have_work.clear()
@@ -128,6 +134,13 @@ async def consume(
                 if fetching_done.is_set():
                     return
                 continue
+            # a pass opens at most every DDB_FLUSH_INTERVAL_MS: without that, passes run back
+            # to back and spend CPU and write capacity on few ticks each; on stop, flush now
+            delay = next_flush_at - loop.time()
+            if delay > 0 and not fetching_done.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(fetching_done.wait(), delay)
+            next_flush_at = loop.time() + interval_s
             flushing, current = current, Pass()
             room.set()
             if not await flush(flushing):

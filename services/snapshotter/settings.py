@@ -18,6 +18,18 @@ class SnapshotterSettings(CommonSettings):
     )
     ddb_create_table: bool = True
     ddb_max_concurrency: int = Field(default=32, ge=1, le=1024)
+    ddb_items_per_call: int = Field(
+        default=100,
+        ge=1,
+        le=100,
+        description="Conditional updates per TransactWriteItems call (1 = one UpdateItem each)",
+    )
+    ddb_flush_interval_ms: int = Field(
+        default=250,
+        ge=0,
+        le=60_000,
+        description="Minimum time between flush passes (0 = back to back)",
+    )
     s3_bucket: str = Field(default="ledgerflux-snapshots", min_length=3, max_length=63)
     s3_endpoint_url: str | None = Field(
         default=None, description="S3-compatible URL (MinIO, SeaweedFS); unset = AWS S3"

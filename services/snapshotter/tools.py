@@ -179,7 +179,9 @@ async def restore(settings: SnapshotterSettings, key: str | None) -> int:
         async with session.client("dynamodb", **ddb_client_kwargs(settings)) as ddb:  # type: ignore[call-overload]
             await ensure_table(ddb, settings.ddb_table, create=True)
             wiped = await _wipe_owned(ddb, settings)
-            writer = LatestWriter(ddb, settings.ddb_table, settings.ddb_max_concurrency)
+            writer = LatestWriter(
+                ddb, settings.ddb_table, settings.ddb_max_concurrency, settings.ddb_items_per_call
+            )
             start_seq = 1
             restored = 0
             if snapshot is not None:

@@ -264,3 +264,39 @@ async def test_dynamodb_and_s3_outages_lose_nothing_and_snapshots_resume(
     assert "snapshot_failed" in events, (proc.log_path, events[-30:])
     assert any(e.get("event") == "ddb_write_retry" for e in proc.events())
     assert await proc.terminate() == 0
+
+
+@pytest.mark.parametrize("items_per_call", [1, 3, 100])
+async def test_writer_settles_stale_items_and_writes_the_rest(
+    own_stack: DevStack, items_per_call: int
+) -> None:
+    """A transaction with some not-newer items is cancelled as a whole: the writer settles
+    those (``not_newer``) and writes the others in a retry, whatever the call size."""
+    from services.snapshotter import metrics
+    from services.snapshotter.ddb import LatestTick, LatestWriter, ensure_table
+
+    env = own_stack.env()
+    table = f"writer-{items_per_call}-{uuid.uuid4().hex[:6]}"
+
+    def item(product: str, seq: int) -> LatestTick:
+        return LatestTick(product, seq, json.dumps({"seq": seq}), "1.5", "t", seq)
+
+    async with aioboto3.Session().client(
+        "dynamodb", endpoint_url=env["DDB_ENDPOINT_URL"], region_name=env["AWS_REGION"],
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+    ) as ddb:  # fmt: skip
+        await ensure_table(ddb, table, create=True)
+        writer = LatestWriter(ddb, table, max_concurrency=4, items_per_call=items_per_call)
+        stop = asyncio.Event()
+        assert await writer.write_all([item("A", 10), item("B", 10)], stop)
+        not_newer = metrics.DDB_WRITES.labels(outcome="not_newer")
+        before = not_newer._value.get()
+        # A older, B equal (both must not overwrite), C..F new
+        batch = [item("A", 5), item("C", 1), item("B", 10), *(item(p, 2) for p in "DEF")]
+        assert await writer.write_all(batch, stop)
+        assert not_newer._value.get() - before == 2
+    stored = await _table(own_stack, table)
+    assert {p: t["seq"] for p, t in stored.items()} == {
+        "A": 10, "B": 10, "C": 1, "D": 2, "E": 2, "F": 2,
+    }  # fmt: skip
