@@ -96,15 +96,11 @@ test: lint typecheck ## lint, typecheck, then every test against real servers (i
 test-fast: ## tests that need no server
 	$(RUN) pytest -m "not integration" $(PYTEST_ARGS)
 
-bench: ## benchmarks on real servers (several minutes; run on a quiet machine)
-	$(RUN) python -m bench.normalize
-	$(RUN) python -m bench.snapshotter
-	$(RUN) python -m bench.pipeline
+bench: ## every benchmark side by side with its baseline; bench/results/latest.{json,md,png} (~15 min, quiet machine)
+	$(RUN) --group bench python -m bench.run
 
-bench-quick: ## the same benchmarks, smaller (about 2 minutes)
-	$(RUN) python -m bench.normalize --frames 10000 --service-frames 20000 --repeats 3
-	$(RUN) python -m bench.snapshotter --ticks 20000 --naive-s 4
-	$(RUN) python -m bench.pipeline --rates 1000 5000 --seconds 5
+bench-quick: ## the same scenarios, smaller (about 2-3 minutes)
+	$(RUN) --group bench python -m bench.run --quick
 
 validate: ## offline checks of docker/, k8s/, monitoring/, .github/ (no Docker or cluster needed)
 	bash scripts/validate.sh

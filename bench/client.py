@@ -19,7 +19,7 @@ import websockets
 async def run(args: argparse.Namespace) -> dict[str, object]:
     latencies: list[int] = []
     last: dict[str, int] = {}
-    regressions = skipped = ticks = 0
+    regressions = skipped = ticks = resyncs = 0
     async with websockets.connect(args.url, max_size=2**24, compression=None) as ws:
         await ws.send(json.dumps({"op": "subscribe", "products": args.products.split(","),
                                   "snapshot": False}))  # fmt: skip
@@ -42,6 +42,8 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                 if msg.get("type") != "tick":
                     continue
                 ticks += 1
+                if msg.get("resync"):
+                    resyncs += 1  # rebuilt from the exchange's REST ticker, not a feed frame
                 latencies.append(now - msg["recv_ns"])
                 product, seq = msg["product"], msg["seq"]
                 if seq <= last.get(product, -1):
@@ -56,7 +58,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         return latencies[min(len(latencies) - 1, int(p * len(latencies)))] / 1e6
 
     return {
-        "ticks": ticks, "regressions": regressions, "skipped": skipped,
+        "ticks": ticks, "resyncs": resyncs, "regressions": regressions, "skipped": skipped,
         "p50_ms": pct(0.50), "p99_ms": pct(0.99), "p999_ms": pct(0.999),
         "max_ms": latencies[-1] / 1e6 if latencies else None,
     }  # fmt: skip

@@ -111,7 +111,7 @@ async def one_load(
     summary: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
     summary.update(offered_rate=rate, emitted=stats["ticks_total"], feed_seconds=feed_s,
                    delivered_per_s=summary["ticks"] / feed_s, cpu_seconds=cpu,
-                   lost=stats["ticks_total"] - summary["ticks"])  # fmt: skip
+                   lost=stats["ticks_total"] - (summary["ticks"] - summary["resyncs"]))  # fmt: skip
     return summary
 
 

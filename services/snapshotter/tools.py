@@ -86,6 +86,9 @@ def ddb_client_kwargs(settings: SnapshotterSettings) -> dict[str, object]:
             read_timeout=10,
             retries={"max_attempts": 2, "mode": "standard"},
             max_pool_connections=max(10, settings.ddb_max_concurrency),
+            # our requests are built by typed code; botocore re-validating every parameter
+            # of every 100-item transaction was ~14 % of the service's CPU (py-spy)
+            parameter_validation=False,
         ),
     }
 
