@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import random
 import time
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -202,7 +203,6 @@ class Publisher:
             hdrs[HDR_MSG_ID] = msg_id
         started = time.perf_counter()
         future = await self.js.publish_async(subject, payload, headers=hdrs or None)
-        metrics.PUBLISH_IN_FLIGHT.set(self.js.publish_async_pending())
         return PendingPublish(stream, started, future)
 
     async def wait(self, pending: Iterable[PendingPublish]) -> list[PubAck]:
@@ -217,7 +217,11 @@ class Publisher:
         metrics.PUBLISH_IN_FLIGHT.set(self.js.publish_async_pending())
         acks: list[PubAck] = []
         first_error: BaseException | None = None
-        now = time.perf_counter()
+        # metrics per stream and per call, not per message: label lookups were ~5 % of the
+        # normalizer's CPU. The latency observed is the call's slowest (its oldest publish).
+        stored: Counter[str] = Counter()
+        duplicates: Counter[str] = Counter()
+        oldest: dict[str, float] = {}
         for item in items:
             if item.future in not_done:
                 metrics.PUBLISH_ERRORS.labels(stream=item.stream, kind="timeout").inc()
@@ -228,17 +232,32 @@ class Publisher:
                 first_error = first_error or exc
                 continue
             ack = item.future.result()
-            metrics.PUBLISH_SECONDS.labels(stream=item.stream).observe(now - item.started)
-            if ack.duplicate:
-                metrics.PUBLISH_DUPLICATES.labels(stream=item.stream).inc()
-            else:
-                metrics.PUBLISHED.labels(stream=item.stream).inc()
+            (duplicates if ack.duplicate else stored)[item.stream] += 1
+            if item.stream not in oldest:
+                oldest[item.stream] = item.started
             acks.append(ack)
+        now = time.perf_counter()
+        for stream, started in oldest.items():
+            metrics.PUBLISH_SECONDS.labels(stream=stream).observe(now - started)
+        for stream, count in stored.items():
+            metrics.PUBLISHED.labels(stream=stream).inc(count)
+        for stream, count in duplicates.items():
+            metrics.PUBLISH_DUPLICATES.labels(stream=stream).inc(count)
         if not_done:
             raise PublishTimeoutError(len(not_done), self._ack_timeout_s)
         if first_error is not None:
             raise BrokerError(f"publish failed: {first_error!r}") from first_error
         return acks
+
+
+def stream_seq_of(msg: Msg) -> int:
+    """The stream sequence of a JetStream message, read from its ack subject
+    (``$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<ns>.<pending>``)
+    without building ``msg.metadata`` (a datetime and five objects per message)."""
+    tokens = msg.reply.split(".")
+    if len(tokens) == 9 and tokens[0] == "$JS" and tokens[1] == "ACK":
+        return int(tokens[5])
+    return int(msg.metadata.sequence.stream)  # the longer v2 form (domains, account hash)
 
 
 async def durable_pull(

@@ -13,7 +13,7 @@ import time
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from services.common.broker import Publisher, fetch_batch
+from services.common.broker import Publisher, fetch_batch, stream_seq_of
 from services.common.logging import get_logger
 from services.normalizer import metrics
 from services.normalizer.process import BatchResult, RawIn, process_batch
@@ -41,7 +41,7 @@ class Normalizer:
     async def handle(self, msgs: list[Msg], stop: asyncio.Event) -> bool:
         """Normalize, publish and ack one batch; ``False`` if stopped before it was durable."""
         started = time.perf_counter()
-        frames = [RawIn(m.subject, m.data, m.headers, m.metadata.sequence.stream) for m in msgs]
+        frames = [RawIn(m.subject, m.data, m.headers, stream_seq_of(m)) for m in msgs]
         result = process_batch(
             frames,
             self.last_seq,
