@@ -20,6 +20,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     latencies: list[int] = []
     last: dict[str, int] = {}
     regressions = skipped = ticks = resyncs = 0
+    last_ns = 0
     async with websockets.connect(args.url, max_size=2**24, compression=None) as ws:
         await ws.send(json.dumps({"op": "subscribe", "products": args.products.split(","),
                                   "snapshot": False}))  # fmt: skip
@@ -36,7 +37,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                         break
                 continue
             idle_deadline = None
-            now = time.time_ns()
+            now = last_ns = time.time_ns()
             decoded = orjson.loads(raw)
             for msg in decoded if isinstance(decoded, list) else [decoded]:
                 if msg.get("type") != "tick":
@@ -58,7 +59,8 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         return latencies[min(len(latencies) - 1, int(p * len(latencies)))] / 1e6
 
     return {
-        "ticks": ticks, "resyncs": resyncs, "regressions": regressions, "skipped": skipped,
+        "ticks": ticks, "resyncs": resyncs, "last_recv_ns": last_ns,
+        "regressions": regressions, "skipped": skipped,
         "p50_ms": pct(0.50), "p99_ms": pct(0.99), "p999_ms": pct(0.999),
         "max_ms": latencies[-1] / 1e6 if latencies else None,
     }  # fmt: skip
