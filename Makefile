@@ -21,7 +21,7 @@ PUSH ?= false
 .PHONY: help install install-python install-servers demo infra-up infra-down infra-status \
 	compose-up compose-down compose-ps run-feedsim run-ingestor run-normalizer \
 	run-snapshotter run-gateway test-client lint format typecheck test test-fast \
-	validate bench bench-quick docker-build-all deploy-local clean
+	validate chaos audit bench bench-quick docker-build-all deploy-local clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-18s %s\n", $$1, $$2}'
@@ -90,11 +90,17 @@ format:
 typecheck: ## mypy --strict
 	$(RUN) mypy
 
-test: lint typecheck ## lint, typecheck, then every test against real servers (incl. make validate)
-	$(RUN) pytest $(PYTEST_ARGS)
+test: lint typecheck ## lint, typecheck, then every test against real servers (incl. make validate and the fast chaos subset)
+	$(RUN) pytest -m "not chaos or chaos_fast" $(PYTEST_ARGS)
+
+chaos: ## the whole fault suite (kill -9, NATS/DynamoDB/S3 outages, feed faults, hostile clients, soak; ~15 min)
+	$(RUN) pytest -m chaos tests/chaos -s $(PYTEST_ARGS)
 
 test-fast: ## tests that need no server
 	$(RUN) pytest -m "not integration" $(PYTEST_ARGS)
+
+audit: ## known vulnerabilities in uv.lock (pip-audit; exit 3 when the advisory database is unreachable)
+	bash scripts/audit.sh
 
 bench: ## every benchmark side by side with its baseline; bench/results/latest.{json,md,png} (~15 min, quiet machine)
 	$(RUN) --group bench python -m bench.run

@@ -100,6 +100,93 @@ else
   fail "securityContext: nothing rendered from k8s/ (see the kustomize check)"
 fi
 
+step "compose: non-root, read-only root file system (docker/docker-compose*.yaml)"
+# Every LedgerFlux service (built here, or a ledgerflux-* image) must run with read_only: true,
+# a non-root user:, cap_drop: [ALL] and no-new-privileges, like its k8s securityContext above.
+# Third-party infra images must do the same or be listed in EXEMPT below with the reason;
+# an exemption that no longer applies fails too, so the list stays true. Exemptions:
+# - nats user: the image runs as root and the fresh named volume for -sd /data is created
+#   root-owned, so a non-root uid could not write the JetStream store without an init step.
+# - dynamodb: the image's own user cannot write a fresh named volume (see the file); the JVM
+#   and sqlite4java write scratch files outside the volume; local-only dev container.
+# - minio: root for the same volume ownership; the server writes config and certs dirs
+#   ($HOME/.minio) outside /data. minio-init: mc writes its config to ~/.mc; a one-shot job.
+# - grafana read_only: writes logs, plugins and its sqlite db under paths the image owns;
+#   not verified read-only (no Docker engine here to prove it), local-only dashboards.
+if ! compgen -G "docker/docker-compose*.yaml" >/dev/null; then
+  fail "compose security: no docker/docker-compose*.yaml found"
+elif "$PYTHON" - docker/docker-compose*.yaml <<'PY'; then
+import sys
+
+import yaml
+
+EXEMPT = {
+    ("nats", "user"): "root-owned fresh volume for the JetStream store",
+    ("dynamodb", "read_only"): "JVM/sqlite4java scratch files; local-only",
+    ("dynamodb", "user"): "image user cannot write a fresh named volume",
+    ("minio", "read_only"): "writes $HOME/.minio outside /data",
+    ("minio", "user"): "root-owned fresh volume for /data",
+    ("minio-init", "read_only"): "mc writes ~/.mc; one-shot job",
+    ("minio-init", "user"): "one-shot bucket creation with the image's default user",
+    ("grafana", "read_only"): "not verified read-only; local-only dashboards",
+}
+
+
+def is_ledgerflux(service):
+    image = str(service.get("image", ""))
+    return "build" in service or "ledgerflux" in image.lower()
+
+
+def non_root(user):
+    if user is None:
+        return False
+    name = str(user).split(":", 1)[0].strip()
+    return name not in ("", "0", "root")
+
+
+problems, used, names, checked = [], set(), set(), 0
+for path in sys.argv[1:]:
+    with open(path) as handle:
+        services = (yaml.safe_load(handle) or {}).get("services") or {}
+    for name, service in services.items():
+        checked += 1
+        names.add(name)
+        ours = is_ledgerflux(service)
+        missing = []
+        if service.get("read_only") is not True:
+            missing.append(("read_only", "read_only is not true"))
+        if not non_root(service.get("user")):
+            missing.append(("user", f"user is {service.get('user')!r}, not a non-root user"))
+        if ours:
+            if "ALL" not in (service.get("cap_drop") or []):
+                missing.append(("cap_drop", "cap_drop does not contain ALL"))
+            if "no-new-privileges:true" not in (service.get("security_opt") or []):
+                missing.append(("security_opt", "security_opt lacks no-new-privileges:true"))
+        for requirement, text in missing:
+            if not ours and (name, requirement) in EXEMPT:
+                used.add((name, requirement))
+                continue
+            kind = "LedgerFlux service" if ours else "service (not exempt)"
+            problems.append(f"{path}: {kind} {name!r}: {text}")
+for (name, requirement), reason in EXEMPT.items():
+    if name not in names:
+        problems.append(f"stale exemption: no service {name!r} ({requirement}): drop it")
+    elif (name, requirement) not in used:
+        problems.append(f"stale exemption: {name!r} meets {requirement} now ({reason}): drop it")
+for line in problems:
+    print(f"compose security: {line}")
+if checked == 0:
+    print("compose security: no services found")
+    sys.exit(1)
+if problems:
+    sys.exit(1)
+print(f"compose security: {checked} services checked, {len(used)} documented exemptions")
+PY
+  echo "ok: compose security: docker/docker-compose*.yaml"
+else
+  fail "compose security: docker/docker-compose*.yaml (the services named above)"
+fi
+
 step "actionlint: .github/workflows/*.yml"
 if need actionlint actionlint "$UV_HINT"; then
   # actionlint runs shellcheck on every `run:` block when shellcheck is on PATH (it is)

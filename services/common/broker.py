@@ -36,7 +36,7 @@ from nats.js.api import (
 from services.common import metrics
 from services.common.errors import BrokerError, PublishTimeoutError, StreamConfigError
 from services.common.logging import get_logger
-from services.common.settings import CommonSettings
+from services.common.settings import CommonSettings, redact_url
 from services.common.subjects import (
     DLQ_STREAM,
     DLQ_WILDCARD,
@@ -74,9 +74,7 @@ async def connect(
     async def on_reconnect() -> None:
         metrics.NATS_CONNECTED.set(1)
         metrics.NATS_RECONNECTS.inc()
-        log.info(
-            "nats_reconnected", server=str(nc.connected_url.netloc if nc.connected_url else "")
-        )
+        log.info("nats_reconnected", server=_server(nc))
 
     nc = NATS()
     delay = 0.2
@@ -100,14 +98,23 @@ async def connect(
             if stop is not None and stop.is_set():
                 raise BrokerError("stopped before NATS was reachable") from exc
             log.warning(
-                "nats_connect_retry", urls=settings.nats_urls, attempt=attempt, error=str(exc)
+                "nats_connect_retry",
+                urls=[redact_url(u) for u in settings.nats_urls],
+                attempt=attempt,
+                error=str(exc),
             )
             await _sleep_or_stop(delay * (0.5 + random.random()), stop)
             delay = min(delay * 2, 5.0)
             continue
         metrics.NATS_CONNECTED.set(1)
-        log.info("nats_connected", server=nc.connected_url.netloc if nc.connected_url else None)
+        log.info("nats_connected", server=_server(nc))
         return nc
+
+
+def _server(nc: NATS) -> str | None:
+    """host:port of the connected server: never the URL's user:password part."""
+    url = nc.connected_url
+    return f"{url.hostname}:{url.port}" if url is not None else None
 
 
 async def _sleep_or_stop(seconds: float, stop: asyncio.Event | None) -> None:

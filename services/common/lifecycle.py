@@ -7,6 +7,7 @@ work, acks, flushes and returns, so SIGTERM exits 0.
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import signal
 from collections.abc import Awaitable, Callable, Sequence
@@ -36,6 +37,9 @@ def run_service[S: CommonSettings](
         get_logger().error("config_error", error=str(exc))
         return EXIT_CONFIG
     configure_logging(settings.log_level, service=name)
+    # everything imported so far lives as long as the process: keep it out of the cyclic GC,
+    # whose full passes over it paused the gateway 45-220 ms under connection churn
+    gc.freeze()
     return uvloop.run(_supervise(name, settings, main))
 
 

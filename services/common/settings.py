@@ -29,7 +29,7 @@ def split_csv(value: object) -> object:
     return value
 
 
-def _redact(url: str) -> str:
+def redact_url(url: str) -> str:
     """The URL without its user:password part."""
     scheme, sep, rest = url.partition("://")
     if not sep or "@" not in rest.split("/", 1)[0]:
@@ -93,7 +93,7 @@ class CommonSettings(BaseSettings):
             raise ValueError("at least one NATS URL is required")
         for url in urls:
             parts = urlsplit(url)
-            shown = repr(_redact(url))
+            shown = repr(redact_url(url))
             try:
                 port = parts.port
             except ValueError as exc:

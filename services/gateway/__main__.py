@@ -7,9 +7,12 @@ import contextlib
 import logging
 import re
 import sys
+import time
+import weakref
 from collections.abc import Generator
 
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from services.common.lifecycle import run_service
 from services.gateway.app import GatewayState, create_app
@@ -22,6 +25,25 @@ class _Server(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None]:
         yield
+
+
+async def _drop_unfinished_handshakes(
+    server: uvicorn.Server, timeout_s: float, stop: asyncio.Event
+) -> None:
+    """uvicorn's HTTP protocol has no deadline for a connection's first request: close the
+    TCP connections that have not completed an HTTP request (or upgrade) within
+    ``timeout_s`` (slowloris). Upgraded WebSockets are other protocol objects: untouched."""
+    first_seen: weakref.WeakKeyDictionary[object, float] = weakref.WeakKeyDictionary()
+    while not stop.is_set():
+        now = time.monotonic()
+        for protocol in list(server.server_state.connections):
+            if not isinstance(protocol, H11Protocol) or protocol.cycle is not None:
+                continue
+            started = first_seen.setdefault(protocol, now)
+            if now - started > timeout_s and not protocol.transport.is_closing():
+                protocol.transport.close()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), min(1.0, timeout_s / 2))
 
 
 class _UvicornLogFilter(logging.Filter):
@@ -51,6 +73,7 @@ async def main(settings: GatewaySettings, stop: asyncio.Event) -> None:
         port=settings.gateway_port,
         log_config=None,
         access_log=False,
+        http="h11",  # the handshake sweeper below knows h11's protocol objects
         ws_max_size=settings.ws_max_frame_bytes,
         ws_ping_interval=settings.ws_ping_interval_s,
         ws_ping_timeout=settings.ws_ping_timeout_s,
@@ -74,6 +97,7 @@ async def main(settings: GatewaySettings, stop: asyncio.Event) -> None:
         # still flush through the batch clock during shutdown
         tg.create_task(state.hub.run_flusher(settings.ws_batch_flush_ms / 1000, served))
         tg.create_task(state.limiter.run(served))
+        tg.create_task(_drop_unfinished_handshakes(server, settings.ws_handshake_timeout_s, served))
         try:
             await server.serve()
         finally:

@@ -72,13 +72,15 @@ def decode_command(data: bytes | str) -> Command:
         raise BadCommandError(str(exc), _request_id(data)) from None
     except msgspec.DecodeError as exc:
         raise BadCommandError(f"invalid JSON: {exc}", None) from None
+    except UnicodeDecodeError:  # a binary frame: msgspec decodes its strings as UTF-8
+        raise BadCommandError("invalid JSON: a string is not UTF-8", None) from None
     return command
 
 
 def _request_id(data: bytes | str) -> object:
     try:
         return _id_decoder.decode(data).id
-    except (msgspec.DecodeError, msgspec.ValidationError):
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):
         return None
 
 

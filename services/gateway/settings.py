@@ -33,6 +33,9 @@ class GatewaySettings(CommonSettings):
     # keepalive: uvicorn pings every interval; no pong within the timeout closes with 1011
     ws_ping_interval_s: float = Field(default=20.0, gt=0)
     ws_ping_timeout_s: float = Field(default=20.0, gt=0)
+    ws_handshake_timeout_s: float = Field(
+        default=10.0, gt=0, description="A TCP connection must complete its HTTP request within"
+    )
     ws_per_message_deflate: bool = Field(
         default=False, description="Offer permessage-deflate (zlib per client per frame)"
     )
@@ -85,7 +88,8 @@ class GatewaySettings(CommonSettings):
     @classmethod
     def _check_redis(cls, url: str | None) -> str | None:
         if url and urlsplit(url).scheme not in {"redis", "rediss", "unix"}:
-            raise ValueError(f"{url!r} is not a Redis URL (redis://host:port/db)")
+            # the URL may hold a password: name the problem, never echo the value
+            raise ValueError("not a Redis URL (expected redis://[:password@]host:port/db)")
         return url or None
 
 

@@ -5,6 +5,7 @@ fails open."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator
@@ -112,9 +113,10 @@ async def test_the_per_key_limit_holds_per_process_while_redis_is_down(gw: Stack
     deadline = time.monotonic() + 5
     while True:
         retry = await Client.connect(url + KEYS[0])
-        message = await retry.recv()
-        if message["type"] == "welcome":
-            break
+        # until the server has seen the close, the slot is still taken: 1013 again
+        with contextlib.suppress(websockets.ConnectionClosed):
+            if (await retry.recv())["type"] == "welcome":
+                break
         assert time.monotonic() < deadline, "the freed slot was never reusable"
         await asyncio.sleep(0.05)
     for client in [*first, other, retry]:
