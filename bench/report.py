@@ -27,8 +27,10 @@ SCENARIO_NAMES = ("normalize", "snapshotter", "pipeline", "fanout", "recovery")
 CORES_NOTE = (
     "2 vCPUs shared by everything: the servers (nats-server, DynamoDB Local's JVM, SeaweedFS), "
     "the services under test and, in their own processes, the feed simulator, load "
-    "generators and measuring clients. No core is pinned; per-process CPU seconds are in "
-    "each scenario's JSON (pipeline: cpu_seconds per load)."
+    "generators and measuring clients. No core is pinned except in the fan-out scenario, "
+    "which pins the server under test alone to cpu0 and puts nats-server, the client "
+    "processes and the publisher on cpu1. Per-process CPU seconds are in each scenario's "
+    "JSON (pipeline: cpu_seconds per load; fanout: other% of cpu0 per step)."
 )
 
 
