@@ -342,8 +342,22 @@ def write_report(*, quick: bool, duration_s: float, failed: list[str]) -> str:
     (RESULTS / "latest.json").write_text(json.dumps(report, indent=2))
     markdown = render_markdown(report)
     (RESULTS / "latest.md").write_text(markdown)
-    draw(report, RESULTS / "latest.png")
+    drawn = draw(report, RESULTS / "latest.png")
+    update_readme(markdown, drawn)
     return markdown
+
+
+def update_readme(markdown: str, with_picture: bool) -> None:
+    """Put the latest table (and picture) between the README's bench markers."""
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    start, end = "<!-- bench:start -->", "<!-- bench:end -->"
+    if start not in text or end not in text:
+        return
+    picture = "\n![benchmarks](bench/results/latest.png)\n" if with_picture else ""
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    readme.write_text(f"{head}{start}\n{markdown}{picture}{end}{tail}")
 
 
 def main() -> int:
