@@ -57,6 +57,11 @@ _FLAGS: list[tuple[tuple[str, ...], str, str]] = [
     (("--replay-end",), "replay_end", "after the replay: idle (default), exit or loop"),
     (("--faults",), "faults", "e.g. gap=0.01,dup=0.01,malformed=0.001,disconnect=30s,stall=5s@30s"),
     (("--emit-log",), "emit_log", "append every emitted ticker (and its fault) to this JSONL"),
+    (
+        ("--delivery-log",),
+        "delivery_log",
+        "append a CSV line per ticker frame written to a client socket (auditing)",
+    ),
     (("--metrics-port",), "metrics_port", "Prometheus /metrics port (default 0 = off)"),
     (("--log-level",), "log_level", "DEBUG, INFO (default), WARNING, ERROR"),
     (("--subscribe-timeout",), "subscribe_timeout_s", "seconds to wait for a subscribe (5)"),

@@ -19,14 +19,17 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Self
 
 import orjson
 
 FLUSH_INTERVAL_S = 0.1
 
 
-class EmitLog:
+class LineFile:
+    """Append-only lines, buffered in memory and written by :meth:`run` through a worker
+    thread (every ``FLUSH_INTERVAL_S``) and on :meth:`close`."""
+
     def __init__(self, path: Path, file: BinaryIO) -> None:
         self.path = path
         self._file = file
@@ -35,30 +38,12 @@ class EmitLog:
         self.lines = 0
 
     @classmethod
-    async def open(cls, path: Path) -> EmitLog:
+    async def open(cls, path: Path) -> Self:
         file = await asyncio.to_thread(path.open, "ab")
         return cls(path, file)
 
-    def record(
-        self,
-        recv_ns: int,
-        frame: bytes,
-        fault: str | None,
-        sent: int,
-        malformed: tuple[str, bytes] | None = None,
-    ) -> None:
-        fault_json = b"null" if fault is None else b'"%s"' % fault.encode()
-        extra = b""
-        if malformed is not None:
-            variant, raw = malformed
-            extra = b',"malformed":"%s","raw":%s' % (
-                variant.encode(),
-                orjson.dumps(raw.decode("utf-8", "replace")),
-            )
-        self._buf.append(
-            b'{"recv_ns":%d,"fault":%s,"sent":%d%s,"msg":%s}\n'
-            % (recv_ns, fault_json, sent, extra, frame)
-        )
+    def append(self, line: bytes) -> None:
+        self._buf.append(line)
         self.lines += 1
 
     async def flush(self) -> None:
@@ -80,3 +65,26 @@ class EmitLog:
     async def close(self) -> None:
         await self.flush()
         await asyncio.to_thread(self._file.close)
+
+
+class EmitLog(LineFile):
+    def record(
+        self,
+        recv_ns: int,
+        frame: bytes,
+        fault: str | None,
+        sent: int,
+        malformed: tuple[str, bytes] | None = None,
+    ) -> None:
+        fault_json = b"null" if fault is None else b'"%s"' % fault.encode()
+        extra = b""
+        if malformed is not None:
+            variant, raw = malformed
+            extra = b',"malformed":"%s","raw":%s' % (
+                variant.encode(),
+                orjson.dumps(raw.decode("utf-8", "replace")),
+            )
+        self.append(
+            b'{"recv_ns":%d,"fault":%s,"sent":%d%s,"msg":%s}\n'
+            % (recv_ns, fault_json, sent, extra, frame)
+        )

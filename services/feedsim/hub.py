@@ -36,7 +36,7 @@ class Client:
         "pending",
         "remote",
         "settled",
-        "stalled_until",
+        "stalled",
         "subs",
         "ws",
     )
@@ -48,7 +48,7 @@ class Client:
         self.remote = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr)
         self.subs: dict[str, dict[str, None]] = {}  # channel -> products, in request order
         self.pending: list[bytes] = []
-        self.stalled_until = 0.0
+        self.stalled = False  # set by a stall fault; cleared by a timer, never mid-batch
         self.settled = asyncio.Event()  # first subscription made, or connection gone
         self.closing = asyncio.Event()  # the handler must close (or the peer is gone)
         self.close_code: int | None = None
@@ -56,6 +56,18 @@ class Client:
         self.dead = False  # no more writes: being closed
         self.frames_sent = 0
         self.connected_at = time.monotonic()
+
+    @property
+    def writable(self) -> bool:
+        """Whether a frame published now is written to the socket at the next flush.
+
+        Only event-loop callbacks change this (a stall's end is a timer), so it holds from
+        a publish to the flush of the same synchronous batch: ``Hub._write`` decides alike.
+        """
+        if self.dead or self.stalled:
+            return False
+        ws = self.ws
+        return ws.protocol.state is State.OPEN and not ws.transport.is_closing()
 
     def kick(self, code: int, reason: str) -> None:
         """Ask the connection handler to close with ``code``; stop writing at once."""
@@ -139,6 +151,14 @@ class Hub:
         per_channel = self._by_product.get(channel)
         return bool(per_channel and per_channel.get(product))
 
+    def writable_subscribers(self, channel: str, product: str) -> list[int]:
+        """Connection ids of the subscribers a frame published now will be written to."""
+        per_channel = self._by_product.get(channel)
+        members = per_channel.get(product) if per_channel else None
+        if not members:
+            return []
+        return [client.conn_id for client in members if client.writable]
+
     def products_subscribed(self, channel: str) -> list[str]:
         return list(self._by_product.get(channel, {}))
 
@@ -177,16 +197,16 @@ class Hub:
         if not self._dirty:
             return
         dirty, self._dirty = self._dirty, []
-        now = time.monotonic()
         for client in dirty:
             frames, client.pending = client.pending, []
             if frames:
-                self._write(client, frames, now)
+                self._write(client, frames)
 
-    def _write(self, client: Client, frames: list[bytes], now: float) -> None:
+    def _write(self, client: Client, frames: list[bytes]) -> None:
+        # the same decision as Client.writable, with the stall counted
         if client.dead:
             return
-        if client.stalled_until > now:
+        if client.stalled:
             self.stall_dropped_frames += len(frames)
             return
         ws = client.ws
@@ -211,14 +231,17 @@ class Hub:
 
     # -- connection faults ------------------------------------------------------------
 
-    def stall(self, until: float) -> int:
-        """Silence every current client until ``until`` (monotonic); new ones are spared."""
-        n = 0
-        for client in self.clients:
-            if not client.dead:
-                client.stalled_until = until
-                n += 1
-        return n
+    def stall(self) -> list[Client]:
+        """Silence every current client until :meth:`unstall`; new ones are spared."""
+        stalled = [client for client in self.clients if not client.dead]
+        for client in stalled:
+            client.stalled = True
+        return stalled
+
+    @staticmethod
+    def unstall(clients: list[Client]) -> None:
+        for client in clients:
+            client.stalled = False
 
     def abort_all(self) -> int:
         """Drop every connection without a close frame (clients see 1006)."""

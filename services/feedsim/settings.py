@@ -59,6 +59,8 @@ class FeedSimSettings(BaseSettings):
 
     faults: Annotated[FaultSpec, NoDecode] = Field(default_factory=FaultSpec)
     emit_log: Path | None = None
+    # every ticker frame written to a client socket, as CSV lines (see deliverylog.py)
+    delivery_log: Path | None = None
     metrics_port: int = Field(default=0, ge=0, le=65535)
     log_level: str = "INFO"
 

@@ -19,6 +19,7 @@ from typing import Any
 import msgspec
 
 from services.common.logging import get_logger
+from services.feedsim.deliverylog import DeliveryLog
 from services.feedsim.emitlog import EmitLog
 from services.feedsim.errors import FeedSimError
 from services.feedsim.faults import Fault, FaultCounters, FaultInjector
@@ -87,6 +88,7 @@ class FeedSim:
         self._allowed = frozenset(settings.channels_allowed)
         self._status_frame = b""
         self._emit_log: EmitLog | None = None
+        self._delivery_log: DeliveryLog | None = None
         self._registry = make_registry(lambda: self.stats(last_tickers=False))
         self.rest = RestApi(
             ticker=self._rest_ticker,
@@ -176,14 +178,22 @@ class FeedSim:
                 self._emit_log = await EmitLog.open(s.emit_log)
             except OSError as exc:
                 raise FeedSimError(f"cannot open --emit-log {s.emit_log}: {exc.strerror}") from None
+        if s.delivery_log is not None:
+            try:
+                self._delivery_log = await DeliveryLog.open(s.delivery_log)
+            except OSError as exc:
+                if self._emit_log is not None:
+                    await self._emit_log.close()
+                raise FeedSimError(
+                    f"cannot open --delivery-log {s.delivery_log}: {exc.strerror}"
+                ) from None
         try:
             await self._server.start(s.host, s.port)
             if s.metrics_port:
                 await self._server.start_metrics(s.host, s.metrics_port, self._metrics)
         except OSError as exc:
             await self._server.close()
-            if self._emit_log is not None:
-                await self._emit_log.close()
+            await self._close_logs()
             raise ListenError(s.host, s.port, exc.strerror or str(exc)) from None
         self._started = True
         self._started_at = time.monotonic()
@@ -199,6 +209,8 @@ class FeedSim:
             self._spawn(self._stall_loop(s.faults.stall_s, s.faults.stall_every_s), "stall")
         if self._emit_log is not None:
             self._spawn(self._emit_log.run(), "emit_log")
+        if self._delivery_log is not None:
+            self._spawn(self._delivery_log.run(), "delivery_log")
         log.info(
             "feedsim_listening",
             host=s.host,
@@ -221,13 +233,19 @@ class FeedSim:
         if self._tasks:
             await asyncio.wait(self._tasks)
         await self._server.close()
-        if self._emit_log is not None:
-            await self._emit_log.close()
+        await self._close_logs()
         log.info("feedsim_stopped", ticks_total=self.ticks_total, frames=self.hub.frames_sent)
 
     async def flush_emit_log(self) -> None:
         if self._emit_log is not None:
             await self._emit_log.flush()
+        if self._delivery_log is not None:
+            await self._delivery_log.flush()
+
+    async def _close_logs(self) -> None:
+        for file in (self._emit_log, self._delivery_log):
+            if file is not None:
+                await file.close()
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         task = asyncio.create_task(coro, name=f"feedsim-{name}")
@@ -284,6 +302,10 @@ class FeedSim:
             state = self._state(product)
             if state is not None and state.last_frame:
                 self.hub.send(client, state.last_frame)  # the last trade, as Coinbase does
+                if self._delivery_log is not None and client.writable:
+                    self._delivery_log.record(
+                        time.time_ns(), (client.conn_id,), product, state.last_frame, "snapshot"
+                    )
         elif channel == MATCHES and self.market is not None:
             self.hub.send(client, encode(self.market.models[product].last_match()))
 
@@ -341,11 +363,13 @@ class FeedSim:
     def _deliver_ticker(
         self, state: ProductModel | ReplayProduct, pid: str, frame: bytes, now_ns: int
     ) -> None:
-        hub, elog, injector = self.hub, self._emit_log, self._injector
+        hub, elog, injector, dlog = self.hub, self._emit_log, self._injector, self._delivery_log
         if injector is None:
             hub.publish(TICKER, pid, frame)
             if elog is not None:
                 elog.record(now_ns, frame, None, 1)
+            if dlog is not None:
+                self._delivered(dlog, now_ns, pid, frame, "ticker")
             return
         fault = injector.decide(pid)  # drawn for every ticker: keeps the fault stream stable
         held = state.held
@@ -358,11 +382,16 @@ class FeedSim:
             if elog is not None:
                 elog.record(now_ns, frame, None, 1)
                 elog.record(held[1], held[0], Fault.REORDER, 1)
+            if dlog is not None:
+                self._delivered(dlog, now_ns, pid, frame, "ticker")
+                self._delivered(dlog, now_ns, pid, held[0], "reorder")
             return
         if fault is None:
             hub.publish(TICKER, pid, frame)
             if elog is not None:
                 elog.record(now_ns, frame, None, 1)
+            if dlog is not None:
+                self._delivered(dlog, now_ns, pid, frame, "ticker")
             return
         if fault is Fault.REORDER:
             state.held = (frame, now_ns)  # counted when the next ticker overtakes it
@@ -376,12 +405,23 @@ class FeedSim:
             hub.publish(TICKER, pid, frame)
             if elog is not None:
                 elog.record(now_ns, frame, fault, 2)
+            if dlog is not None:
+                self._delivered(dlog, now_ns, pid, frame, "ticker")
+                self._delivered(dlog, now_ns, pid, frame, "dup")
         else:  # malformed: a broken frame goes out instead of the ticker
             variant, bad = injector.malformed(pid, frame)
             self.counters.malformed_variants[variant] += 1
             hub.publish(TICKER, pid, bad)
             if elog is not None:
                 elog.record(now_ns, frame, fault, 0, (variant, bad))
+            if dlog is not None:
+                self._delivered(dlog, now_ns, pid, frame, f"malformed:{variant}")
+
+    def _delivered(self, dlog: DeliveryLog, ns: int, pid: str, frame: bytes, kind: str) -> None:
+        """Log a ticker frame just published, for each client it will be written to."""
+        conn_ids = self.hub.writable_subscribers(TICKER, pid)
+        if conn_ids:
+            dlog.record(ns, conn_ids, pid, frame, kind)
 
     def _release_held(self) -> None:
         """At the end of the feed, send tickers still held by reorder (nothing overtakes)."""
@@ -393,6 +433,8 @@ class FeedSim:
                 self.hub.publish(TICKER, state.product_id, frame)
                 if self._emit_log is not None:
                     self._emit_log.record(ns, frame, None, 1)
+                if self._delivery_log is not None:
+                    self._delivered(self._delivery_log, ns, state.product_id, frame, "held")
         self.hub.flush()
 
     async def _wait_ready(self) -> None:
@@ -470,12 +512,15 @@ class FeedSim:
             log.info("fault_disconnect", clients=n)
 
     async def _stall_loop(self, stall_s: float, every_s: float) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(every_s)
-            n = self.hub.stall(time.monotonic() + stall_s)
+            stalled = self.hub.stall()
+            # ends in a callback of its own, never in the middle of a publish + flush batch
+            loop.call_later(stall_s, self.hub.unstall, stalled)
             self.counters.count(Fault.STALL)
-            self.counters.clients_stalled += n
-            log.info("fault_stall", clients=n, duration_s=stall_s)
+            self.counters.clients_stalled += len(stalled)
+            log.info("fault_stall", clients=len(stalled), duration_s=stall_s)
 
     # -- HTTP side --------------------------------------------------------------------
 
