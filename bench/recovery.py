@@ -133,9 +133,12 @@ async def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
                     if steady > bound:
                         print(f"  note: {consumer} backlog {steady} > {bound} before the kill: "
                               "the pipeline does not keep up at this rate", flush=True)  # fmt: skip
-                raw_before = (await js.stream_info(RAW_STREAM)).state.last_seq
                 killed_at = time.monotonic()
                 procs[name].kill()
+                # what the dead ingestor had in flight lands within milliseconds: only a
+                # frame after that shows the new process publishing
+                await asyncio.sleep(0.3)
+                raw_before = (await js.stream_info(RAW_STREAM)).state.last_seq
                 procs[name] = ServiceProcess(name, env, root).start()
                 figures: dict[str, Any] = {}
                 if name == "gateway":
