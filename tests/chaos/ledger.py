@@ -432,8 +432,8 @@ class Ledger:
 
     def table(self) -> str:
         head = (
-            f"{'product':<10}{'emitted':>9}{'stored':>9}{'dlq':>6}{'dedup':>7}{'confl':>7}"
-            f"{'lost':>6}{'resync':>8} |{'client exp':>11}{'recv':>9}{'confl':>7}{'lost':>6}"
+            f"{'product':<10}{'emitted':>10}{'stored':>10}{'dlq':>7}{'dedup':>8}{'confl':>8}"
+            f"{'lost':>9}{'resync':>7} |{'client exp':>11}{'recv':>10}{'confl':>7}{'lost':>8}"
         )
         lines = [f"ledger {self.scenario} (seed {self.seed})", head, "-" * len(head)]
         products = sorted(set(self.pipeline) | set(self.client))
@@ -446,9 +446,9 @@ class Ledger:
             if name == "TOTAL":
                 lines.append("-" * len(head))
             lines.append(
-                f"{name:<10}{p['emitted']:>9}{p['stored']:>9}{p['dead_lettered']:>6}"
-                f"{p['deduplicated']:>7}{p['conflated']:>7}{p['lost']:>6}{r:>8} |"
-                f"{c['expected']:>11}{c['received']:>9}{c['conflated']:>7}{c['lost']:>6}"
+                f"{name:<10}{p['emitted']:>10}{p['stored']:>10}{p['dead_lettered']:>7}"
+                f"{p['deduplicated']:>8}{p['conflated']:>8}{p['lost']:>9}{r:>7} |"
+                f"{c['expected']:>11}{c['received']:>10}{c['conflated']:>7}{c['lost']:>8}"
             )
         kinds = ", ".join(
             f"{k}: " + " ".join(f"{o}={n}" for o, n in sorted(v.items()))
