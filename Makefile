@@ -93,7 +93,7 @@ typecheck: ## mypy --strict
 test: lint typecheck ## lint, typecheck, then every test against real servers (incl. make validate and the fast chaos subset)
 	$(RUN) pytest -m "not chaos or chaos_fast" $(PYTEST_ARGS)
 
-chaos: ## the whole fault suite (kill -9, NATS/DynamoDB/S3 outages, feed faults, hostile clients, soak; ~15 min)
+chaos: ## the whole fault suite (kill -9, NATS/DynamoDB/S3 outages, feed faults, hostile clients, 10-min soak; ~25 min)
 	$(RUN) pytest -m chaos tests/chaos -s $(PYTEST_ARGS)
 
 test-fast: ## tests that need no server
