@@ -53,14 +53,20 @@ if [[ -x "${venv}/bin/python" ]]; then
 fi
 
 cd "${root}"
-if ! "${host_python}" -m uv --version >/dev/null 2>&1; then
-    die "'${host_python} -m uv' does not work from ${root}; install uv into the project's Python or set UV_HOST_PYTHON."
+# under `uv run` (make bench) `python` is the project venv's, which has no uv module: fall
+# back to the uv on PATH
+if "${host_python}" -m uv --version >/dev/null 2>&1; then
+    uv_cmd=("${host_python}" -m uv)
+elif command -v uv >/dev/null 2>&1; then
+    uv_cmd=(uv)
+else
+    die "neither '${host_python} -m uv' nor 'uv' works from ${root}; install uv (python -m pip install uv) or set UV_HOST_PYTHON."
 fi
 
 if [[ ! -x "${venv}/bin/python" ]]; then
-    "${host_python}" -m uv venv --no-project --python "${py313}" "${venv}"
+    "${uv_cmd[@]}" venv --no-project --python "${py313}" "${venv}"
 fi
-"${host_python}" -m uv pip install --python "${venv}/bin/python" "${spec}"
+"${uv_cmd[@]}" pip install --python "${venv}/bin/python" "${spec}"
 
 if ! have="$(installed_version)"; then
     die "cryptofeed is still not importable in ${venv} after install."
