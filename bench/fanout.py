@@ -85,7 +85,7 @@ from services.common.settings import CommonSettings
 from services.common.subjects import TICKS_STREAM, tick_subject
 from services.devstack.ports import free_port
 from services.devstack.servers import NatsServer
-from tests.support.procs import REPO
+from tests.support.procs import REPO, cpu_seconds
 
 RESULTS = REPO / "bench" / "results"
 GOALS = {
@@ -93,7 +93,6 @@ GOALS = {
     "ours_batch_vs_broadcast_delivered": 5.0,
     "idle_kib_per_connection": 30.0,
 }
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
 _CLIENT_REPLY_S = 300.0  # opening 10,000 connections on a busy machine takes a while
 _PUBLISH_PACE_S = 0.002  # publish what is due every 2 ms: smooth, not bursts of 20 ms
 _KEEPALIVE_S = 25.0  # both servers' ping interval (20 s) and a margin
@@ -146,12 +145,6 @@ class Cores:
             "(publisher, /proc readings). Per-core busy % of each window is recorded "
             "(cores_busy_pct) next to each process's share, so other work shows."
         )
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process (all its threads), from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
 
 
 def rss_kib(pid: int) -> int:

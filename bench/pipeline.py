@@ -26,7 +26,7 @@ import nats
 from bench.frames import synthetic_products, ticker_frames
 from services.devstack.ports import free_port
 from services.devstack.stack import DevStack, StackPorts
-from tests.support.procs import REPO, ServiceProcess
+from tests.support.procs import REPO, ServiceProcess, cpu_seconds
 
 RESULTS = REPO / "bench" / "results"
 
@@ -69,12 +69,6 @@ def _stats(port: int) -> dict[str, Any]:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/sim/stats", timeout=5) as r:
         result: dict[str, Any] = json.loads(r.read())
         return result
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process so far (how the two cores were shared)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def one_load(

@@ -51,7 +51,7 @@ import pytest
 
 from tests.chaos.hostile import AttackPlan
 from tests.gateway.helpers import Client, Feed, Gateway, Stack, stack
-from tests.support.procs import REPO
+from tests.support.procs import REPO, cpu_seconds
 
 pytestmark = [pytest.mark.integration, pytest.mark.chaos]
 
@@ -198,12 +198,6 @@ def proc_status(pid: int) -> tuple[int, int]:
     with open(f"/proc/{pid}/status") as status:
         rss = next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
     return rss, len(os.listdir(f"/proc/{pid}/fd"))
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
