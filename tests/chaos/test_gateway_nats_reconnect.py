@@ -37,7 +37,8 @@ pytestmark = [
     pytest.mark.xfail(
         strict=True,
         reason="BUG: the gateway's core NATS subscription misses ticks published while it "
-        "reconnects; it must backfill each subscribed product from MD_TICKS on reconnect",
+        "reconnects; it must resume from MD_TICKS where it left off (e.g. an ordered JetStream "
+        "consumer), not backfill after live ticks the hub then drops as older",
     ),
 ]
 
