@@ -10,7 +10,8 @@ wrote to a socket (a ticker generated while the ingestor was down or stalled was
 - ``dead_lettered`` — a malformed frame found in MD_DLQ (by reason);
 - ``deduplicated`` — a repeat of a stored seq (``dup``, a resubscribe snapshot of a tick
   already stored), or a frame that reached MD_RAW and the normalizer rightly dropped as
-  older than a seq it had already published (``reorder``);
+  older than a seq it had already published (``reorder``), or one a REST resync had
+  already carried to MD_TICKS;
 - ``conflated`` — a frame in flight when its connection ended (the ingestor killed, the
   connection dropped): it never reached MD_RAW, but nothing written after it on that
   connection did either (TCP and the ingestor's FIFO publish keep order), a later
@@ -599,7 +600,15 @@ def audit(ev: Evidence, scenario: str, seed: int, *, allow_conflation: bool) -> 
             reached[i] = bool(mine)
             where = stored.get(product, {}).get(seq)
             if where is not None:
-                result = "deduplicated" if seq in claimed[product] else "stored"
+                # A REST resync can carry a seq before its feed frame arrives (a heartbeat
+                # announced a ticker feedsim held back for a reorder): the resync stored it,
+                # and this frame, dropped by the normalizer as not newer, is the repeat.
+                resync_first = min((c[0] for c in copies if c[2]), default=None)
+                repeat_of_resync = (
+                    bool(mine) and resync_first is not None and resync_first < mine[0][0]
+                )
+                first = seq not in claimed[product] and not repeat_of_resync
+                result = "stored" if first else "deduplicated"
                 claimed[product].add(seq)
                 tick_trade = ticks.trade_ids[product][where]
                 if seq not in ticks.resync[product] and tick_trade != trade_id:

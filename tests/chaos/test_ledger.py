@@ -10,6 +10,8 @@ import pytest
 
 from services.common.models import Tick, encode_tick
 from services.snapshotter.snapshots import Snapshot
+from services.common.subjects import HDR_RESYNC
+from services.ingestor.resync import HDR_RESYNC_REASON
 from tests.chaos.ledger import ClientRecord, Delivery, Evidence, Ledger, Raw, Ticks, audit
 
 pytestmark = [pytest.mark.chaos, pytest.mark.chaos_fast]
@@ -31,7 +33,7 @@ def _tick(seq: int, resync: bool = False) -> bytes:
 
 def _evidence(
     sent: Iterable[tuple[int, int, str]],  # (conn, seq, kind), in emission order
-    raw: Iterable[tuple[int, int]],  # (seq, conn it arrived on), in stream order
+    raw: Iterable[tuple[int, int]],  # (seq, conn it arrived on; 0: a REST resync), in order
     stored: Iterable[int],
     *,
     client: Iterable[tuple[int, int]] | None = None,  # (seq, skipped)
@@ -43,14 +45,18 @@ def _evidence(
         for n, (conn, seq, kind) in enumerate(sent)
     ]
     frames = Raw()
+    resynced: set[int] = set()
     for n, (seq, conn) in enumerate(raw, 1):
-        recv_ns = str(conn * 100 * SEC + 50 * SEC + n)
-        frames.add(n, f"md.raw.coinbase.{P}", {"Ledgerflux-Recv-Ns": recv_ns},
+        headers = {"Ledgerflux-Recv-Ns": str(conn * 100 * SEC + 50 * SEC + n)}
+        if conn == 0:
+            headers |= {HDR_RESYNC: "1", HDR_RESYNC_REASON: "gap"}
+            resynced.add(seq)
+        frames.add(n, f"md.raw.coinbase.{P}", headers,
                    b'{"type":"ticker","sequence":%d}' % seq)  # fmt: skip
     seqs = list(stored)
     ticks = Ticks(keep={P: seqs[-1]})
     for n, seq in enumerate(seqs, 1):
-        ticks.add(n, f"md.ticks.1.{P}", None, _tick(seq))
+        ticks.add(n, f"md.ticks.1.{P}", None, _tick(seq, resync=seq in resynced))
     last = seqs[-1] if table_seq is None else table_seq
     newest = msgspec.json.decode(_tick(seqs[-1]), type=Tick)
     snapshot = Snapshot(1, "now", "MD_TICKS", len(seqs), 4, [0, 1, 2, 3], {P: newest})
@@ -123,6 +129,19 @@ def test_duplicates_and_reordered_frames_are_deduplicated() -> None:
     assert not led.problems, led.table()
     assert led.outcome_by_kind["dup"]["deduplicated"] == 1
     assert led.outcome_by_kind["reorder"]["deduplicated"] == 1
+
+
+def test_a_reordered_frame_a_resync_stored_first_is_deduplicated() -> None:
+    """A heartbeat announces 2 while feedsim holds it back: the gap resync stores 2 from
+    REST, then 3 and the held 2 arrive. The held frame repeats the resync's tick."""
+    sent = [(1, 1, "ticker"), (1, 3, "ticker"), (1, 2, "reorder"), (1, 4, "ticker")]
+    led = _run(_evidence(sent, [(1, 1), (2, 0), (3, 1), (2, 1), (4, 1)], [1, 2, 3, 4]))
+    assert not led.problems, led.table()
+    assert led.outcome_by_kind["reorder"] == {"deduplicated": 1}
+    assert led.resync_ticks[P] == 1
+    # without the resync the held frame would be the one that was stored
+    led = _run(_evidence(sent, [(1, 1), (2, 1), (3, 1), (4, 1)], [1, 2, 3, 4]))
+    assert led.outcome_by_kind["reorder"] == {"stored": 1}
 
 
 def test_the_client_must_get_every_tick_or_hear_of_it() -> None:
