@@ -9,9 +9,9 @@ import msgspec
 import pytest
 
 from services.common.models import Tick, encode_tick
-from services.snapshotter.snapshots import Snapshot
 from services.common.subjects import HDR_RESYNC
 from services.ingestor.resync import HDR_RESYNC_REASON
+from services.snapshotter.snapshots import Snapshot
 from tests.chaos.ledger import ClientRecord, Delivery, Evidence, Ledger, Raw, Ticks, audit
 
 pytestmark = [pytest.mark.chaos, pytest.mark.chaos_fast]
