@@ -13,18 +13,19 @@ import nats.errors
 from fastapi import FastAPI, WebSocket
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from nats.aio.client import Client as NATS
-from nats.aio.subscription import Subscription
+from nats.js.client import JetStreamContext
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from services.common import broker
 from services.common.laststate import load_last_ticks
 from services.common.logging import get_logger
-from services.common.subjects import TICKS_STREAM, TICKS_WILDCARD
+from services.common.subjects import TICKS_STREAM
 from services.gateway import metrics
 from services.gateway.admission import Gatekeeper, presented_key
 from services.gateway.connection import CLOSE_GOING_AWAY, CLOSE_TRY_AGAIN
 from services.gateway.hub import Hub
 from services.gateway.limits import KeyLimiter, key_id
+from services.gateway.live import subscribe_live
 from services.gateway.session import SessionContext, new_connection, run_session
 from services.gateway.settings import GatewaySettings
 
@@ -41,7 +42,7 @@ class GatewayState:
             self.hub, settings, None, asyncio.Semaphore(settings.backfill_concurrency)
         )
         self.nc: NATS | None = None
-        self.sub: Subscription | None = None
+        self.sub: JetStreamContext.PushSubscription | None = None
         self.accepting = True
 
     async def start(self) -> None:
@@ -49,9 +50,7 @@ class GatewayState:
         js = self.ctx.js = self.nc.jetstream()
         await broker.ensure_streams(js, self.settings)
         # subscribe before warming: a tick landing in between is then not missed
-        self.sub = await self.nc.subscribe(
-            TICKS_WILDCARD, cb=self.hub.on_tick, pending_msgs_limit=1_000_000
-        )
+        self.sub = await subscribe_live(js, self.hub.on_tick, self.settings.live_heartbeat_s)
         self.hub.warm(await load_last_ticks(js))
 
     def begin_shutdown(self) -> None:

@@ -90,3 +90,11 @@ BATCH_MESSAGES = Histogram(
 SLOW_CONSUMERS = Counter(
     "ledgerflux_gateway_slow_consumers_total", "Clients closed with 4008 (could not drain)"
 )
+LIVE_STREAM_SEQ = Gauge(
+    "ledgerflux_gateway_live_stream_seq",
+    "MD_TICKS sequence of the last tick the live tail delivered (lag: last_seq - this)",
+)
+LIVE_RESUMES = Counter(
+    "ledgerflux_gateway_live_resumes_total",
+    "Times the live tail's consumer was recreated where it left off (reconnect, missed heartbeats)",
+)

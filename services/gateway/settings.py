@@ -58,6 +58,11 @@ class GatewaySettings(CommonSettings):
     )
     redis_timeout_s: float = Field(default=0.5, gt=0)
 
+    # the live tail of MD_TICKS: an ordered JetStream consumer, recreated where it left off
+    live_heartbeat_s: float = Field(
+        default=1.0, ge=0.1, le=30, description="Two missed heartbeats recreate the consumer"
+    )
+
     # backfill from MD_TICKS
     backfill_max: int = Field(default=10_000, ge=1, le=1_000_000)
     backfill_timeout_s: float = Field(default=5.0, gt=0)

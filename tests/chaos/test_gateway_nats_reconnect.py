@@ -33,13 +33,6 @@ pytestmark = [
     pytest.mark.chaos_fast,
     pytest.mark.integration,
     pytest.mark.timeout(120),
-    # a known bug, pinned: strict, so the fix must remove this marker (see the module doc)
-    pytest.mark.xfail(
-        strict=True,
-        reason="BUG: the gateway's core NATS subscription misses ticks published while it "
-        "reconnects; it must resume from MD_TICKS where it left off (e.g. an ordered JetStream "
-        "consumer), not backfill after live ticks the hub then drops as older",
-    ),
 ]
 
 PRODUCT = "BTC-USD"

@@ -52,8 +52,7 @@ async def _single(
     assert_clean(ledger)
 
 
-# Not in make test's fast subset until the gateway's NATS-reconnect gap is fixed
-# (test_gateway_nats_reconnect.py): the reference client loses ticks in some runs.
+@pytest.mark.chaos_fast
 @pytest.mark.timeout(240)
 async def test_nats_killed_and_restarted_fast(
     nats_server: NatsServer, chaos_store: StoreEnv, workdir: Path
