@@ -267,6 +267,14 @@ def stream_seq_of(msg: Msg) -> int:
     return int(msg.metadata.sequence.stream)  # the longer v2 form (domains, account hash)
 
 
+def consumer_seq_of(msg: Msg) -> int:
+    """The consumer (delivery) sequence of a JetStream message, from its ack subject."""
+    tokens = msg.reply.split(".")
+    if len(tokens) == 9 and tokens[0] == "$JS" and tokens[1] == "ACK":
+        return int(tokens[6])
+    return int(msg.metadata.sequence.consumer)
+
+
 async def durable_pull(
     js: JetStreamContext,
     *,
@@ -276,8 +284,12 @@ async def durable_pull(
     max_ack_pending: int = 20_000,
     ack_wait_s: float = 30.0,
     ack_policy: AckPolicy = AckPolicy.EXPLICIT,
+    resume_from: int | None = None,
 ) -> JetStreamContext.PullSubscription:
     """Bind to a durable pull consumer, creating it or rewinding it first when needed.
+
+    ``resume_from`` (a stream sequence) forces a rewind there: the caller found a hole in
+    its deliveries (see :mod:`services.common.pull`).
 
     A consumer left with un-acked messages (its last owner crashed) or with another filter
     is recreated to start right after its ack floor: the new owner then receives the
@@ -310,8 +322,10 @@ async def durable_pull(
             or current.ack_wait != ack_wait_s
             or current.ack_policy != ack_policy
         )
-        if info.num_ack_pending or changed:
+        if info.num_ack_pending or changed or resume_from is not None:
             floor = info.ack_floor.stream_seq if info.ack_floor else 0
+            if resume_from is not None:
+                floor = resume_from - 1
             log.warning(
                 "consumer_rewound",
                 stream=stream,
@@ -325,6 +339,10 @@ async def durable_pull(
                 config.deliver_policy = DeliverPolicy.BY_START_SEQUENCE
                 config.opt_start_seq = floor + 1
             info = None
+    if info is None and resume_from is not None and resume_from > 1:
+        # also when an interrupted rewind already deleted the consumer
+        config.deliver_policy = DeliverPolicy.BY_START_SEQUENCE
+        config.opt_start_seq = resume_from
     if info is None:
         try:
             await js.add_consumer(stream, config)

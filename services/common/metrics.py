@@ -90,3 +90,10 @@ def stop_metrics_server(server: WSGIServer | None) -> None:
     if server is not None:
         threading.Thread(target=server.shutdown, daemon=True).start()
         server.server_close()
+
+
+DELIVERY_GAPS = Counter(
+    "ledgerflux_consumer_delivery_gaps_total",
+    "Holes in a durable consumer's deliveries (a leader lost them in transit): rewound there",
+    ["stream"],
+)

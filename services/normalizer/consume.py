@@ -11,10 +11,10 @@ import asyncio
 import time
 
 from nats.aio.msg import Msg
-from nats.js import JetStreamContext
 
-from services.common.broker import Publisher, fetch_batch, stream_seq_of
+from services.common.broker import Publisher, stream_seq_of
 from services.common.logging import get_logger
+from services.common.pull import TrackedPull
 from services.normalizer import metrics
 from services.normalizer.process import BatchResult, RawIn, process_batch
 from services.normalizer.settings import NormalizerSettings
@@ -31,12 +31,20 @@ class Normalizer:
         self.last_seq = last_seq
         self.owned = settings.owned_shards
 
-    async def run(self, sub: JetStreamContext.PullSubscription, stop: asyncio.Event) -> None:
-        """Consume until ``stop``; the batch in hand when it is set is finished first."""
+    async def run(self, pull: TrackedPull, stop: asyncio.Event) -> None:
+        """Consume until ``stop``; the batch in hand when it is set is finished first.
+
+        A batch ends before a hole in the deliveries (AckPolicy.ALL would ack frames never
+        seen); once it is acked the durable is rewound to the first frame not handled.
+        """
         while not stop.is_set():
-            msgs = await fetch_batch(sub, self.settings.fetch_batch, self.settings.fetch_timeout_s)
+            msgs = await pull.fetch(self.settings.fetch_batch, self.settings.fetch_timeout_s)
             if msgs:
-                await self.handle(msgs, stop)
+                if not await self.handle(msgs, stop):
+                    return
+                pull.acked(msgs[-1])
+            if pull.hole and not await pull.rewind(stop):
+                return
 
     async def handle(self, msgs: list[Msg], stop: asyncio.Event) -> bool:
         """Normalize, publish and ack one batch; ``False`` if stopped before it was durable."""

@@ -17,6 +17,7 @@ from nats.js.api import AckPolicy
 from services.common import broker
 from services.common.lifecycle import EXIT_CONFIG, run_service
 from services.common.logging import configure_logging, get_logger
+from services.common.pull import TrackedPull
 from services.common.settings import ConfigError
 from services.common.subjects import TICKS_PREFIX, TICKS_STREAM, shard_of
 from services.snapshotter.consume import consume
@@ -45,8 +46,9 @@ async def main(settings: SnapshotterSettings, stop: asyncio.Event) -> None:
         ):
             await ensure_table(ddb, settings.ddb_table, create=settings.ddb_create_table)
             durable = settings.durable_name
-            sub = await broker.durable_pull(
+            pull = TrackedPull(
                 js,
+                subs,
                 stream=TICKS_STREAM,
                 durable=durable,
                 filter_subjects=[f"{TICKS_PREFIX}{s}.>" for s in sorted(settings.owned_shards)],
@@ -55,7 +57,7 @@ async def main(settings: SnapshotterSettings, stop: asyncio.Event) -> None:
                 # covers the whole pass (instead of tens of thousands of acks)
                 ack_policy=AckPolicy.ALL,
             )
-            subs.append(sub)
+            await pull.bind()
             state = await _warm_state(js, ddb, settings, durable)
             log.info(
                 "snapshotter_started",
@@ -70,7 +72,7 @@ async def main(settings: SnapshotterSettings, stop: asyncio.Event) -> None:
             )
             snapshots = SnapshotWriter(s3, settings, state)
             async with asyncio.TaskGroup() as tg:
-                tg.create_task(consume(settings, sub, writer, state, stop))
+                tg.create_task(consume(settings, pull, writer, state, stop))
                 tg.create_task(snapshots.run(stop))
                 tg.create_task(broker.report_consumer_lag(js, TICKS_STREAM, durable, stop))
     finally:

@@ -17,12 +17,11 @@ from dataclasses import dataclass, field
 
 import msgspec
 from nats.aio.msg import Msg
-from nats.js import JetStreamContext
 
 from services.common.aio import wait_any
-from services.common.broker import fetch_batch
 from services.common.logging import get_logger
 from services.common.models import decode_tick
+from services.common.pull import TrackedPull
 from services.common.subjects import product_of_tick
 from services.snapshotter import metrics
 from services.snapshotter.ddb import LatestTick, LatestWriter
@@ -94,7 +93,7 @@ class Pass:
 
 async def consume(
     settings: SnapshotterSettings,
-    sub: JetStreamContext.PullSubscription,
+    pull: TrackedPull,
     writer: LatestWriter,
     state: DurableState,
     stop: asyncio.Event,
@@ -104,6 +103,9 @@ async def consume(
     room = asyncio.Event()
     room.set()
     fetching_done = asyncio.Event()
+    settled = asyncio.Event()  # set while every message fetched so far is written and acked
+    settled.set()
+    flushing_now = False
     # leave room for one more fetch under the server's max_ack_pending
     limit = max(settings.fetch_batch, settings.max_ack_pending - settings.fetch_batch)
     interval_s = settings.ddb_flush_interval_ms / 1000
@@ -115,22 +117,30 @@ async def consume(
                     room.clear()
                     await wait_any(room, stop)
                     continue
-                msgs = await fetch_batch(sub, settings.fetch_batch, settings.fetch_timeout_s)
+                msgs = await pull.fetch(settings.fetch_batch, settings.fetch_timeout_s)
                 if msgs:
+                    settled.clear()
                     current.add(msgs)
                     have_work.set()
+                if pull.hole:
+                    # the rewind starts after the last ack: write and ack what came first
+                    await wait_any(settled, stop)
+                    if stop.is_set() or not await pull.rewind(stop):
+                        return
         finally:
             fetching_done.set()
             have_work.set()
 
     async def flusher() -> None:
-        nonlocal current
+        nonlocal current, flushing_now
         loop = asyncio.get_running_loop()
         next_flush_at = loop.time()
         while True:
             await have_work.wait()
             have_work.clear()
             if current.last is None:
+                if not flushing_now:
+                    settled.set()
                 if fetching_done.is_set():
                     return
                 continue
@@ -143,16 +153,21 @@ async def consume(
             next_flush_at = loop.time() + interval_s
             flushing, current = current, Pass()
             room.set()
+            flushing_now = True
             if not await flush(flushing):
                 log.warning("pass_abandoned_on_stop", ticks=flushing.count)
                 return  # not acked: redelivered to whoever consumes next
+            flushing_now = False
+            if current.last is None:
+                settled.set()
 
     async def flush(work: Pass) -> bool:
         written = work.winners()
         if not await writer.write_all(written, stop):
             return False
         assert work.last is not None
-        await work.last.ack()  # AckPolicy.ALL: covers every message of the pass
+        await work.last.ack()  # AckPolicy.ALL: covers every message of the pass (no hole)
+        pull.acked(work.last)
         if written:
             metrics.COALESCE_RATIO.set(work.count / len(written))
         state.apply(written, work.last.metadata.sequence.stream)

@@ -1,0 +1,102 @@
+"""TrackedPull against a real nats-server: deliveries the server counts as made but that never
+reached the owner (a cluster leader killed before flushing them) are found and consumed
+after a rewind, never acked unseen by AckPolicy.ALL."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import nats
+import pytest
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, StreamConfig
+
+from services.common.broker import stream_seq_of
+from services.common.pull import TrackedPull
+from services.devstack.servers import NatsServer
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
+
+STREAM, DURABLE = "HOLES", "owner"
+
+
+@pytest.fixture
+async def js(nats_server: NatsServer) -> AsyncIterator[JetStreamContext]:
+    nc: NATS = await nats.connect(nats_server.url)
+    js = nc.jetstream()
+    await js.add_stream(StreamConfig(name=STREAM, subjects=["holes.>"]))
+    for n in range(1, 11):
+        await js.publish(f"holes.{n % 3}", b"%d" % n)
+    yield js
+    await nc.close()
+
+
+def _pull(js: JetStreamContext, subs: list[JetStreamContext.PullSubscription]) -> TrackedPull:
+    return TrackedPull(
+        js, subs, stream=STREAM, durable=DURABLE, filter_subjects=["holes.>"],
+        max_ack_pending=100, ack_wait_s=30.0, ack_policy=AckPolicy.ALL,
+    )  # fmt: skip
+
+
+async def _lose_deliveries(js: JetStreamContext, n: int) -> None:
+    """Deliveries the server records as made, to an inbox the owner never reads."""
+    thief = await js.pull_subscribe_bind(durable=DURABLE, stream=STREAM)
+    assert len(await thief.fetch(n, timeout=2)) == n
+    await thief.unsubscribe()
+
+
+async def _consume_all(pull: TrackedPull, stop: asyncio.Event, want: int) -> list[int]:
+    """What a normalizer-like owner handles: every batch acked, rewound at a hole."""
+    handled: list[int] = []
+    while len(handled) < want:
+        msgs = await pull.fetch(4, 0.5)
+        if msgs:
+            handled += [stream_seq_of(m) for m in msgs]
+            await msgs[-1].ack()
+            pull.acked(msgs[-1])
+        if pull.hole:
+            assert await pull.rewind(stop)
+    return handled
+
+
+async def test_deliveries_lost_in_transit_are_consumed_after_a_rewind(
+    js: JetStreamContext,
+) -> None:
+    subs: list[JetStreamContext.PullSubscription] = []
+    pull = _pull(js, subs)
+    await pull.bind()
+    first = await pull.fetch(2, 2)
+    assert [stream_seq_of(m) for m in first] == [1, 2] and not pull.hole
+    await first[-1].ack()
+    pull.acked(first[-1])
+    await _lose_deliveries(js, 3)  # stream seqs 3, 4, 5 go nowhere
+    handled = await _consume_all(pull, asyncio.Event(), 8)
+    assert handled == list(range(3, 11))  # nothing acked unseen, in order, once
+    assert len(subs) == 2  # the rewind bound a fresh subscription
+
+
+async def test_a_hole_before_anything_was_acked_rewinds_to_the_ack_floor(
+    js: JetStreamContext,
+) -> None:
+    pull = _pull(js, [])
+    await pull.bind()
+    await _lose_deliveries(js, 4)
+    assert await _consume_all(pull, asyncio.Event(), 10) == list(range(1, 11))
+
+
+async def test_without_the_check_all_ack_swallows_the_lost_deliveries(
+    js: JetStreamContext,
+) -> None:
+    """Why the check exists: the plain AckPolicy.ALL owner acks 3..5 without seeing them."""
+    pull = _pull(js, [])
+    await pull.bind()
+    await _lose_deliveries(js, 5)
+    assert pull.sub is not None
+    msgs = await pull.sub.fetch(5, timeout=2)
+    assert [stream_seq_of(m) for m in msgs] == [6, 7, 8, 9, 10]
+    await msgs[-1].ack()
+    await asyncio.sleep(0.2)
+    info = await js.consumer_info(STREAM, DURABLE)
+    assert info.num_ack_pending == 0 and info.ack_floor.stream_seq == 10
