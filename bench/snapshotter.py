@@ -112,7 +112,7 @@ async def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         proc = ServiceProcess(
             "snapshotter",
             {**env, "DDB_TABLE": "latest", "S3_BUCKET": "bench", "METRICS_PORT": str(metrics_port),
-             "SNAPSHOT_PERIOD_MS": "2000", "LOG_LEVEL": "INFO",
+             "SNAPSHOT_PERIOD_MS": "2000", "LOG_LEVEL": os.environ.get("BENCH_LOG_LEVEL", "INFO"),
              "MAX_ACK_PENDING": str(args.max_ack_pending)},
             root,
         ).start()  # fmt: skip
@@ -126,6 +126,7 @@ async def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             writes = _metric(url, "ledgerflux_snapshotter_ddb_writes_total")
             await proc.wait_for_event("snapshot_written", timeout=30)
             snapshot_ms = [e["ms"] for e in proc.events() if e.get("event") == "snapshot_written"]
+            passes = [e for e in proc.events() if e.get("event") == "pass_written"]
         finally:
             await proc.terminate()
         results["ticks_per_s"] = args.ticks / ours_s
@@ -134,6 +135,10 @@ async def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         results["coalescing_ratio"] = args.ticks / writes if writes else None
         results["ratio_vs_naive"] = results["ticks_per_s"] / results["naive_ticks_per_s"]
         results["service_snapshot_ms"] = snapshot_ms[-1] if snapshot_ms else None
+        if passes:  # logged at debug level only (BENCH_LOG_LEVEL=DEBUG)
+            results["passes"] = len(passes)
+            results["pass_ticks_mean"] = sum(e["ticks"] for e in passes) / len(passes)
+            results["pass_ms_mean"] = sum(e["ms"] for e in passes) / len(passes)
 
         # snapshot of 1,000 products, in-process: build + gzip + object + pointer
         state = DurableState(
@@ -161,7 +166,7 @@ def main() -> int:
     parser.add_argument("--products", type=int, default=1000)
     parser.add_argument("--naive-s", type=float, default=10.0)
     parser.add_argument(
-        "--max-ack-pending", type=int, default=50_000, help="the snapshotter's coalescing window"
+        "--max-ack-pending", type=int, default=200_000, help="the snapshotter's coalescing window"
     )
     args = parser.parse_args()
     print("snapshotter benchmark", flush=True)

@@ -61,3 +61,14 @@ def product_of_tick(subject: str) -> str | None:
 def is_valid_product(product: str) -> bool:
     """A product id usable as one subject token (``BTC-USD``): no dots, spaces or wildcards."""
     return 0 < len(product) <= 64 and not any(c in product for c in ". *>\t\r\n")
+
+
+def tick_filters(owned_shards: frozenset[int], num_shards: int) -> list[str]:
+    """The MD_TICKS filter subjects of a replica owning ``owned_shards``.
+
+    One wildcard when it owns every shard: nats-server serves a consumer with several filter
+    subjects ~15x slower (3.4k vs 55k msgs/s fetched here, 4 filters vs ``md.ticks.>``).
+    """
+    if owned_shards >= frozenset(range(num_shards)):
+        return [TICKS_WILDCARD]
+    return [f"{TICKS_PREFIX}{s}.>" for s in sorted(owned_shards)]

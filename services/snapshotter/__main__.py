@@ -19,7 +19,7 @@ from services.common.lifecycle import EXIT_CONFIG, run_service
 from services.common.logging import configure_logging, get_logger
 from services.common.pull import TrackedPull
 from services.common.settings import ConfigError
-from services.common.subjects import TICKS_PREFIX, TICKS_STREAM, shard_of
+from services.common.subjects import TICKS_STREAM, shard_of, tick_filters
 from services.snapshotter.consume import consume
 from services.snapshotter.ddb import LatestWriter, ensure_table, read_latest
 from services.snapshotter.settings import SnapshotterSettings
@@ -51,7 +51,7 @@ async def main(settings: SnapshotterSettings, stop: asyncio.Event) -> None:
                 subs,
                 stream=TICKS_STREAM,
                 durable=durable,
-                filter_subjects=[f"{TICKS_PREFIX}{s}.>" for s in sorted(settings.owned_shards)],
+                filter_subjects=tick_filters(settings.owned_shards, settings.num_shards),
                 max_ack_pending=settings.max_ack_pending,
                 # passes are flushed in stream order, so one ack of a pass's last message
                 # covers the whole pass (instead of tens of thousands of acks)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from dataclasses import dataclass, field
 
 import msgspec
@@ -162,9 +163,16 @@ async def consume(
                 settled.set()
 
     async def flush(work: Pass) -> bool:
+        started = time.perf_counter()
         written = work.winners()
         if not await writer.write_all(written, stop):
             return False
+        log.debug(
+            "pass_written",
+            ticks=work.count,
+            products=len(written),
+            ms=round((time.perf_counter() - started) * 1000, 1),
+        )
         assert work.last is not None
         await work.last.ack()  # AckPolicy.ALL: covers every message of the pass (no hole)
         pull.acked(work.last)

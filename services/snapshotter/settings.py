@@ -45,7 +45,7 @@ class SnapshotterSettings(CommonSettings):
     )
     fetch_batch: int = Field(default=5_000, ge=1, le=100_000)
     fetch_timeout_s: float = Field(default=0.5, gt=0)
-    max_ack_pending: int = Field(default=50_000, ge=1)
+    max_ack_pending: int = Field(default=200_000, ge=1)
     metrics_port: int = Field(default=9103, ge=0, le=65535)
 
     @field_validator("snapshotter_shards", mode="before")

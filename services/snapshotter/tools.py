@@ -19,7 +19,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from services.common import broker
 from services.common.laststate import load_last_ticks
 from services.common.models import Tick, decode_tick, encode_tick
-from services.common.subjects import TICKS_PREFIX, TICKS_STREAM, shard_of
+from services.common.subjects import TICKS_STREAM, shard_of, tick_filters
 from services.snapshotter.ddb import LatestTick, LatestWriter, ensure_table, read_latest
 from services.snapshotter.settings import SnapshotterSettings
 from services.snapshotter.snapshots import Snapshot, read_pointer, read_snapshot
@@ -123,7 +123,7 @@ async def _replay(
     if from_seq > last_seq:
         return 0
     name = f"restore-{uuid.uuid4().hex[:10]}"
-    filters = [f"{TICKS_PREFIX}{s}.>" for s in sorted(settings.owned_shards)]
+    filters = tick_filters(settings.owned_shards, settings.num_shards)
     await js.add_consumer(
         TICKS_STREAM,
         ConsumerConfig(
