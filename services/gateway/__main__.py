@@ -16,6 +16,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from services.common.lifecycle import run_service
 from services.gateway.app import GatewayState, create_app
+from services.gateway.frames import FrameWriterProtocol
 from services.gateway.settings import GatewaySettings
 
 
@@ -74,6 +75,7 @@ async def main(settings: GatewaySettings, stop: asyncio.Event) -> None:
         log_config=None,
         access_log=False,
         http="h11",  # the handshake sweeper below knows h11's protocol objects
+        ws=FrameWriterProtocol,  # websockets-sansio that lets sessions write prebuilt frames
         ws_max_size=settings.ws_max_frame_bytes,
         ws_ping_interval=settings.ws_ping_interval_s,
         ws_ping_timeout=settings.ws_ping_timeout_s,

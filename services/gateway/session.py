@@ -24,6 +24,7 @@ from services.gateway.connection import (
     Frame,
 )
 from services.gateway.errors import BackfillUnavailableError
+from services.gateway.frames import FRAME_WRITER, ConnectionGone, FrameWriterProtocol, text_frame
 from services.gateway.hub import Hub
 from services.gateway.protocol import (
     BackfillSpec,
@@ -99,7 +100,7 @@ async def run_session(ws: WebSocket, conn: ClientConnection, ctx: SessionContext
         try:
             async with asyncio.TaskGroup() as tg:
                 # the writer ends the session: it flushes, then closes with conn.close_code
-                tg.create_task(_write(ws, conn))
+                tg.create_task(_write(ws, conn, _frame_writer(ws)))
                 await _read(ws, conn, ctx)
         except* _Closed:
             pass
@@ -298,7 +299,15 @@ def _error(conn: ClientConnection, code: ErrorCode, message: str, request_id: ob
     conn.send_control(error(code, message, request_id), "error")
 
 
-async def _write(ws: WebSocket, conn: ClientConnection) -> None:
+def _frame_writer(ws: WebSocket) -> FrameWriterProtocol | None:
+    """The socket's raw frame writer, when the server provides one and frames may be raw."""
+    writer = ws.scope.get("extensions", {}).get(FRAME_WRITER)
+    if isinstance(writer, FrameWriterProtocol) and writer.raw_frames_allowed():
+        return writer
+    return None
+
+
+async def _write(ws: WebSocket, conn: ClientConnection, raw: FrameWriterProtocol | None) -> None:
     slow_s = conn.settings.ws_slow_consumer_s
     while True:
         if not conn.wakeup.is_set():
@@ -314,12 +323,17 @@ async def _write(ws: WebSocket, conn: ClientConnection) -> None:
                 # one deadline per flush, not per frame: a timer per send costs more than
                 # the send; a client that cannot take a flush in time is a slow consumer
                 async with asyncio.timeout(slow_s):
-                    sent = await (_send_batch(ws, frames) if conn.batch else _send(ws, frames))
+                    if raw is not None:
+                        sent = await _send_raw(raw, frames, conn.batch)
+                    elif conn.batch:
+                        sent = await _send_batch(ws, frames)
+                    else:
+                        sent = await _send(ws, frames)
             except TimeoutError:
                 metrics.SLOW_CONSUMERS.inc()
                 log.warning("slow_consumer", queued=len(conn.queue), timeout_s=slow_s)
                 conn.request_close(CLOSE_SLOW_CONSUMER, "slow consumer")
-            except (WebSocketDisconnect, RuntimeError, OSError):
+            except (WebSocketDisconnect, ConnectionGone, RuntimeError, OSError):
                 raise _Closed from None
             else:
                 _count(frames, sent)
@@ -342,13 +356,40 @@ async def _send(ws: WebSocket, frames: list[tuple[Frame, str]]) -> int:
     return sent
 
 
+async def _send_raw(
+    writer: FrameWriterProtocol, frames: list[tuple[Frame, str]], batch: bool
+) -> int:
+    """The flush as prebuilt frames in one socket write (a shared tick's frame is built once
+    for all its subscribers)."""
+    if batch:
+        body = _batch_body(frames)
+        await writer.write_frames([text_frame(body)])
+        return len(body)
+    out: list[bytes] = []
+    sent = 0
+    for frame, _kind in frames:
+        if isinstance(frame, LiveTick):
+            out.append(frame.frame)
+            sent += len(frame.data)
+        else:
+            out.append(text_frame(frame))
+            sent += len(frame)
+    await writer.write_frames(out)
+    return sent
+
+
 async def _send_batch(ws: WebSocket, frames: list[tuple[Frame, str]]) -> int:
+    body = _batch_body(frames)
+    await ws.send({"type": "websocket.send", "text": body.decode()})
+    return len(body)
+
+
+def _batch_body(frames: list[tuple[Frame, str]]) -> bytes:
     # encode once: the array is the stored tick bytes joined, never re-serialized
     body = b"[%b]" % b",".join(f.data if isinstance(f, LiveTick) else f for f, _ in frames)
-    await ws.send({"type": "websocket.send", "text": body.decode()})
     metrics.BATCH_FRAMES.inc()
     metrics.BATCH_MESSAGES.observe(len(frames))
-    return len(body)
+    return body
 
 
 def _count(frames: list[tuple[Frame, str]], sent_bytes: int) -> None:

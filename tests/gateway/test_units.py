@@ -7,9 +7,14 @@ from datetime import UTC, datetime
 
 import pytest
 from pydantic import ValidationError
+from websockets.client import ClientProtocol
+from websockets.frames import Frame, Opcode
+from websockets.protocol import State
+from websockets.uri import parse_uri
 
 from services.gateway.admission import Gatekeeper, presented_key
 from services.gateway.connection import ClientConnection
+from services.gateway.frames import text_frame
 from services.gateway.limits import KeyLimiter, key_id
 from services.gateway.protocol import Backfill, BadCommandError, backfill_spec
 from services.gateway.ratelimit import TokenBucket
@@ -105,3 +110,18 @@ async def test_key_limiter_without_redis_counts_per_process() -> None:
     assert await limiter.acquire(b)
     await limiter.release(a)
     assert await limiter.acquire(a)
+
+
+@pytest.mark.parametrize("size", [0, 2, 125, 126, 65_535, 65_536, 200_000])
+def test_prebuilt_text_frames_parse_as_websockets_reads_them(size: int) -> None:
+    """Every length encoding (7-bit, 16-bit, 64-bit) of the raw fan-out frames, read back by
+    websockets' own client-side parser: one final, unmasked text frame with the payload."""
+    payload = b'"' + b"x" * (size - 2) + b'"' if size else b""  # exactly `size` bytes
+    client = ClientProtocol(parse_uri("ws://localhost/ws"), state=State.OPEN, max_size=None)
+    client.receive_data(text_frame(payload) + text_frame(b"[]"))
+    events = client.events_received()
+    assert all(isinstance(e, Frame) for e in events)
+    assert [(e.opcode, e.fin, bytes(e.data)) for e in events] == [
+        (Opcode.TEXT, True, payload),
+        (Opcode.TEXT, True, b"[]"),
+    ]

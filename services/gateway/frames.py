@@ -1,0 +1,62 @@
+"""WebSocket text frames built once and written straight to the socket: the fan-out's hot path.
+
+Through ASGI every message to every client is re-encoded to UTF-8, framed by websockets'
+protocol object and written with its own awaits: per client per tick, most of the gateway's
+CPU went there (profile in ARCHITECTURE.md). A server-to-client frame is just a header and
+the payload (never masked), and a tick's payload is the same bytes for every client, so the
+whole frame is built once per tick and each writer hands a list of such frames to its
+socket in one call.
+
+:class:`FrameWriterProtocol` is uvicorn's websockets-sansio protocol that puts itself into
+the ASGI scope (``scope["extensions"][FRAME_WRITER]``) so a session can do that. Pings,
+pongs and the close handshake still go through websockets' state machine; raw frames are
+only written while the connection is open, no close was sent or received and no extension
+(permessage-deflate) was negotiated — otherwise the session uses plain ASGI sends.
+"""
+
+from __future__ import annotations
+
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.protocol import State
+
+FRAME_WRITER = "ledgerflux.frame_writer"
+
+_FIN_TEXT = 0x81  # FIN + opcode 1 (text)
+
+
+def text_frame(payload: bytes) -> bytes:
+    """An unmasked, unfragmented text frame carrying ``payload`` (UTF-8 JSON)."""
+    size = len(payload)
+    if size < 126:
+        return bytes((_FIN_TEXT, size)) + payload
+    if size < 1 << 16:
+        return bytes((_FIN_TEXT, 126)) + size.to_bytes(2, "big") + payload
+    return bytes((_FIN_TEXT, 127)) + size.to_bytes(8, "big") + payload
+
+
+class ConnectionGone(Exception):
+    """The socket is closing or closed: nothing more can be written."""
+
+
+class FrameWriterProtocol(WebSocketsSansIOProtocol):
+    async def run_asgi(self) -> None:
+        self.scope["extensions"][FRAME_WRITER] = self  # type: ignore[assignment]
+        await super().run_asgi()
+
+    def raw_frames_allowed(self) -> bool:
+        """False once permessage-deflate is in use: frames must then be compressed."""
+        return not self.conn.extensions
+
+    async def write_frames(self, frames: list[bytes]) -> None:
+        """Write whole frames, waiting first while the socket's buffer is over its mark
+        (the caller bounds that wait: a client that never drains is a slow consumer)."""
+        if not self.writable.is_set():
+            await self.writable.wait()
+        if (
+            self.disconnected
+            or self.close_sent
+            or self.conn.state is not State.OPEN
+            or self.transport.is_closing()
+        ):
+            raise ConnectionGone
+        self.transport.write(b"".join(frames))
