@@ -47,11 +47,18 @@ class FrameWriterProtocol(WebSocketsSansIOProtocol):
         """False once permessage-deflate is in use: frames must then be compressed."""
         return not self.conn.extensions
 
+    def can_write_now(self) -> bool:
+        """The socket's buffer is under its high-water mark: a write needs no wait."""
+        return self.writable.is_set()
+
     async def write_frames(self, frames: list[bytes]) -> None:
         """Write whole frames, waiting first while the socket's buffer is over its mark
         (the caller bounds that wait: a client that never drains is a slow consumer)."""
         if not self.writable.is_set():
             await self.writable.wait()
+        self.write_now(frames)
+
+    def write_now(self, frames: list[bytes]) -> None:
         if (
             self.disconnected
             or self.close_sent

@@ -312,23 +312,26 @@ async def _write(ws: WebSocket, conn: ClientConnection, raw: FrameWriterProtocol
     while True:
         if not conn.wakeup.is_set():
             timeout = conn.seconds_until_more()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(timeout):
-                    await conn.wakeup.wait()
+            if timeout is None:
+                await conn.wakeup.wait()
+            else:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(timeout):
+                        await conn.wakeup.wait()
         conn.wakeup.clear()
         frames = conn.next_frames()
         if frames:
             metrics.BUFFER_DEPTH.observe(len(frames))
             try:
-                # one deadline per flush, not per frame: a timer per send costs more than
-                # the send; a client that cannot take a flush in time is a slow consumer
-                async with asyncio.timeout(slow_s):
-                    if raw is not None:
-                        sent = await _send_raw(raw, frames, conn.batch)
-                    elif conn.batch:
-                        sent = await _send_batch(ws, frames)
-                    else:
-                        sent = await _send(ws, frames)
+                if raw is not None and raw.can_write_now():
+                    # the socket takes it without waiting: no deadline to arm (a timer per
+                    # flush was ~11 % of the CPU)
+                    sent = _send_raw_now(raw, frames, conn.batch)
+                else:
+                    # one deadline per flush, not per frame: a client that cannot take a
+                    # flush in time is a slow consumer
+                    async with asyncio.timeout(slow_s):
+                        sent = await _send_waiting(ws, raw, frames, conn.batch)
             except TimeoutError:
                 metrics.SLOW_CONSUMERS.inc()
                 log.warning("slow_consumer", queued=len(conn.queue), timeout_s=slow_s)
@@ -341,6 +344,16 @@ async def _write(ws: WebSocket, conn: ClientConnection, raw: FrameWriterProtocol
         if conn.close_code is not None:
             await _close(ws, conn)
             raise _Closed
+
+
+async def _send_waiting(
+    ws: WebSocket, raw: FrameWriterProtocol | None, frames: list[tuple[Frame, str]], batch: bool
+) -> int:
+    if raw is not None:
+        out, sent = _raw_frames(frames, batch)
+        await raw.write_frames(out)
+        return sent
+    return await (_send_batch(ws, frames) if batch else _send(ws, frames))
 
 
 async def _send(ws: WebSocket, frames: list[tuple[Frame, str]]) -> int:
@@ -356,15 +369,18 @@ async def _send(ws: WebSocket, frames: list[tuple[Frame, str]]) -> int:
     return sent
 
 
-async def _send_raw(
-    writer: FrameWriterProtocol, frames: list[tuple[Frame, str]], batch: bool
-) -> int:
-    """The flush as prebuilt frames in one socket write (a shared tick's frame is built once
-    for all its subscribers)."""
+def _send_raw_now(writer: FrameWriterProtocol, frames: list[tuple[Frame, str]], batch: bool) -> int:
+    out, sent = _raw_frames(frames, batch)
+    writer.write_now(out)
+    return sent
+
+
+def _raw_frames(frames: list[tuple[Frame, str]], batch: bool) -> tuple[list[bytes], int]:
+    """The flush as prebuilt frames for one socket write (a shared tick's frame is built
+    once for all its subscribers), and the payload bytes they carry."""
     if batch:
         body = _batch_body(frames)
-        await writer.write_frames([text_frame(body)])
-        return len(body)
+        return [text_frame(body)], len(body)
     out: list[bytes] = []
     sent = 0
     for frame, _kind in frames:
@@ -374,8 +390,7 @@ async def _send_raw(
         else:
             out.append(text_frame(frame))
             sent += len(frame)
-    await writer.write_frames(out)
-    return sent
+    return out, sent
 
 
 async def _send_batch(ws: WebSocket, frames: list[tuple[Frame, str]]) -> int:
