@@ -3,6 +3,10 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
 export UV_PYTHON_DOWNLOADS := never
+# Install dependencies with their .pyc: where PYTHONDONTWRITEBYTECODE is set (as on these
+# machines) every service start otherwise compiles aiohttp, FastAPI, botocore... from source
+# (gateway import 4.1 s -> 2.2 s), which is most of a restart after kill -9.
+export UV_COMPILE_BYTECODE := 1
 PYTHON ?= python3.12
 UV ?= $(shell command -v uv 2>/dev/null || echo "$(PYTHON) -m uv")
 RUN := $(UV) run --frozen
