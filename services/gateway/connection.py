@@ -10,13 +10,12 @@ than its last tick only. The writer (``session.py``) drains :meth:`next_frames`.
 
 from __future__ import annotations
 
-import asyncio
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import msgspec
 
+from services.common.aio import Signal
 from services.common.logging import get_logger
 from services.common.models import encode_tick
 from services.gateway import metrics
@@ -78,12 +77,12 @@ class ClientConnection:
         self.products: set[str] = set()
         self.last_seq: dict[str, int] = {}
         self.bucket = TokenBucket(settings.ws_max_msgs_per_sec, settings.ws_burst)
-        self.queue: deque[tuple[Frame, str]] = deque()
+        self.queue: list[tuple[Frame, str]] = []  # a list: an empty deque is 760 bytes
         self._queue_limit = settings.ws_send_queue
         self.conflated: dict[str, _Conflated] = {}
         self.handover: dict[str, _HandoverBuffer] = {}
-        self.wakeup = asyncio.Event()
-        self.drained = asyncio.Event()
+        self.wakeup = Signal()
+        self.drained = Signal()
         self.close_code: int | None = None
         self.close_reason = ""
         # batch connections are woken by the hub's flush clock, others at once
@@ -172,8 +171,7 @@ class ClientConnection:
 
     def next_frames(self) -> list[tuple[Frame, str]]:
         """Frames ready to send now: the queue, then conflated ticks as tokens allow."""
-        frames = list(self.queue)
-        self.queue.clear()
+        frames, self.queue = self.queue, []
         if self.conflated:
             for product in list(self.conflated):
                 if not self.bucket.take():
