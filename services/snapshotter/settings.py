@@ -25,7 +25,7 @@ class SnapshotterSettings(CommonSettings):
         description="Conditional updates per TransactWriteItems call (1 = one UpdateItem each)",
     )
     ddb_flush_interval_ms: int = Field(
-        default=250,
+        default=1000,
         ge=0,
         le=60_000,
         description="Minimum time between flush passes (0 = back to back)",
