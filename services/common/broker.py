@@ -12,10 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-import time
-from collections import Counter
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable
 
 import nats
 import nats.errors
@@ -28,19 +25,19 @@ from nats.js.api import (
     ConsumerConfig,
     DeliverPolicy,
     DiscardPolicy,
-    PubAck,
     StorageType,
     StreamConfig,
 )
 
 from services.common import metrics
-from services.common.errors import BrokerError, PublishTimeoutError, StreamConfigError
+from services.common.errors import BrokerError, StreamConfigError
 from services.common.logging import get_logger
+from services.common.publisher import PendingPublish as PendingPublish  # re-exported
+from services.common.publisher import Publisher as Publisher  # re-exported
 from services.common.settings import CommonSettings, redact_url
 from services.common.subjects import (
     DLQ_STREAM,
     DLQ_WILDCARD,
-    HDR_MSG_ID,
     RAW_STREAM,
     RAW_WILDCARD,
     TICKS_STREAM,
@@ -175,86 +172,6 @@ async def ensure_streams(js: JetStreamContext, settings: CommonSettings) -> None
                     str(config.name), update_exc.description or str(update_exc)
                 ) from update_exc
             log.info("stream_updated", stream=config.name)
-
-
-@dataclass(slots=True)
-class PendingPublish:
-    stream: str
-    started: float
-    future: asyncio.Future[PubAck]
-
-
-class Publisher:
-    """Pipelined JetStream publishes: many in flight, each acked before its effect counts.
-
-    ``publish`` only waits when ``PUBLISH_MAX_IN_FLIGHT`` acks are outstanding (that is the
-    backpressure). ``wait`` resolves a set of publishes, raising if any failed or timed out;
-    a timed-out publish is cancelled so its window slot is freed.
-    """
-
-    def __init__(self, nc: NATS, settings: CommonSettings) -> None:
-        self.js = nc.jetstream(publish_async_max_pending=settings.publish_max_in_flight)
-        self._ack_timeout_s = settings.publish_ack_timeout_s
-
-    async def publish(
-        self,
-        stream: str,
-        subject: str,
-        payload: bytes,
-        *,
-        msg_id: str | None = None,
-        headers: Mapping[str, str] | None = None,
-    ) -> PendingPublish:
-        hdrs = dict(headers) if headers else {}
-        if msg_id is not None:
-            hdrs[HDR_MSG_ID] = msg_id
-        started = time.perf_counter()
-        future = await self.js.publish_async(subject, payload, headers=hdrs or None)
-        return PendingPublish(stream, started, future)
-
-    async def wait(self, pending: Iterable[PendingPublish]) -> list[PubAck]:
-        """Await the acks of ``pending``; all or nothing."""
-        items = list(pending)
-        if not items:
-            return []
-        futures = [item.future for item in items]
-        _done, not_done = await asyncio.wait(futures, timeout=self._ack_timeout_s)
-        for future in not_done:
-            future.cancel()
-        metrics.PUBLISH_IN_FLIGHT.set(self.js.publish_async_pending())
-        acks: list[PubAck] = []
-        first_error: BaseException | None = None
-        # metrics per stream and per call, not per message: label lookups were ~5 % of the
-        # normalizer's CPU. The latency observed is the call's slowest (its oldest publish).
-        stored: Counter[str] = Counter()
-        duplicates: Counter[str] = Counter()
-        oldest: dict[str, float] = {}
-        for item in items:
-            if item.future in not_done:
-                metrics.PUBLISH_ERRORS.labels(stream=item.stream, kind="timeout").inc()
-                continue
-            exc = item.future.exception()
-            if exc is not None:
-                metrics.PUBLISH_ERRORS.labels(stream=item.stream, kind="rejected").inc()
-                first_error = first_error or exc
-                continue
-            ack = item.future.result()
-            (duplicates if ack.duplicate else stored)[item.stream] += 1
-            if item.stream not in oldest:
-                oldest[item.stream] = item.started
-            acks.append(ack)
-        now = time.perf_counter()
-        for stream, started in oldest.items():
-            metrics.PUBLISH_SECONDS.labels(stream=stream).observe(now - started)
-        for stream, count in stored.items():
-            metrics.PUBLISHED.labels(stream=stream).inc(count)
-        for stream, count in duplicates.items():
-            metrics.PUBLISH_DUPLICATES.labels(stream=stream).inc(count)
-        if not_done:
-            raise PublishTimeoutError(len(not_done), self._ack_timeout_s)
-        if first_error is not None:
-            raise BrokerError(f"publish failed: {first_error!r}") from first_error
-        return acks
 
 
 def stream_seq_of(msg: Msg) -> int:

@@ -87,3 +87,33 @@ async def test_publish_to_a_missing_stream_fails_loudly(nats_server: NatsServer,
     pending = await publisher.publish(RAW_STREAM, "nowhere.at.all", b"x")
     with pytest.raises(BrokerError):
         await publisher.wait([pending])
+
+
+async def test_publisher_headers_duplicates_and_rejections(
+    nats_server: NatsServer, nc: NATS
+) -> None:
+    """Headers arrive as sent (a CR/LF in a value cannot end the header block), a repeated
+    Nats-Msg-Id is acked as a duplicate, and a publish the stream rejects raises."""
+    settings = settings_for(nats_server)
+    publisher = broker.Publisher(nc, settings)
+    await broker.ensure_streams(publisher.js, settings)
+    subject = "md.raw.coinbase.XRP-USD"
+    error_text = "line 1\nline 2\r\nPUB injected 1"
+    first = await publisher.publish(
+        RAW_STREAM, subject, b"1", msg_id="m1", headers={"Ledgerflux-Dlq-Error": error_text}
+    )
+    (ack,) = await publisher.wait([first])
+    assert (ack.stream, ack.duplicate) == (RAW_STREAM, False)
+    stored = await publisher.js.get_msg(RAW_STREAM, ack.seq)
+    assert stored.data == b"1"
+    assert stored.headers is not None
+    assert stored.headers["Nats-Msg-Id"] == "m1"
+    assert stored.headers["Ledgerflux-Dlq-Error"] == "line 1 line 2  PUB injected 1"
+    again = await publisher.publish(RAW_STREAM, subject, b"1", msg_id="m1")
+    assert (await publisher.wait([again]))[0].duplicate
+    rejected = await publisher.publish(
+        RAW_STREAM, subject, b"2", headers={"Nats-Expected-Stream": "ANOTHER"}
+    )
+    with pytest.raises(BrokerError, match="BadRequestError.*expected stream does not match"):
+        await publisher.wait([rejected])
+    assert publisher.in_flight() == 0
