@@ -114,6 +114,6 @@ async def test_publisher_headers_duplicates_and_rejections(
     rejected = await publisher.publish(
         RAW_STREAM, subject, b"2", headers={"Nats-Expected-Stream": "ANOTHER"}
     )
-    with pytest.raises(BrokerError, match="BadRequestError.*expected stream does not match"):
+    with pytest.raises(BrokerError, match=r"BadRequestError.*expected stream does not match"):
         await publisher.wait([rejected])
     assert publisher.in_flight() == 0
