@@ -15,6 +15,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from nats.aio.client import Client as NATS
 from nats.js.client import JetStreamContext
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.routing import WebSocketRoute
 
 from services.common import broker
 from services.common.laststate import load_last_ticks
@@ -139,7 +140,6 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             )
         return Response(stored.data, media_type="application/json")
 
-    @app.websocket("/ws")
     async def ws_endpoint(ws: WebSocket) -> None:
         origin = ws.headers.get("origin")
         if not state.gatekeeper.origin_allowed(origin):
@@ -169,6 +169,9 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             if kid is not None:
                 await state.limiter.release(kid)
 
+    # a plain Starlette route: FastAPI's would solve dependencies per connection (an exit
+    # stack, dicts) for nothing this endpoint uses — kilobytes per idle connection
+    app.router.routes.append(WebSocketRoute("/ws", ws_endpoint))
     return app
 
 

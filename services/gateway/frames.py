@@ -16,8 +16,12 @@ only written while the connection is open, no close was sent or received and no 
 
 from __future__ import annotations
 
+from typing import Any
+
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.protocol import State
+
+from services.common.aio import Signal
 
 FRAME_WRITER = "ledgerflux.frame_writer"
 
@@ -38,7 +42,42 @@ class ConnectionGone(Exception):
     """The socket is closing or closed: nothing more can be written."""
 
 
+class _Inbox:
+    """What uvicorn's protocol needs of its ``asyncio.Queue`` of received events (put_nowait,
+    get, empty), in ~200 bytes instead of ~2.6 KiB: three deques and a dict per idle
+    connection. uvicorn pauses reading after each message, so it holds one or two."""
+
+    __slots__ = ("_items", "_ready")
+
+    def __init__(self) -> None:
+        self._items: list[Any] = []
+        self._ready = Signal()
+
+    def put_nowait(self, item: Any) -> None:
+        self._items.append(item)
+        self._ready.set()
+
+    async def get(self) -> Any:
+        while not self._items:
+            self._ready.clear()
+            await self._ready.wait()
+        return self._items.pop(0)
+
+    def empty(self) -> bool:
+        return not self._items
+
+    def qsize(self) -> int:
+        return len(self._items)
+
+
 class FrameWriterProtocol(WebSocketsSansIOProtocol):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # per idle connection these two were ~3.7 KiB of uvicorn's ~6 (10,000 connections)
+        self.queue = _Inbox()  # type: ignore[assignment]
+        self.writable = Signal()  # type: ignore[assignment]
+        self.writable.set()
+
     async def run_asgi(self) -> None:
         self.scope["extensions"][FRAME_WRITER] = self  # type: ignore[assignment]
         await super().run_asgi()
