@@ -109,6 +109,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics_endpoint() -> Response:
+        metrics.FLUSHED.export()
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/products")

@@ -87,12 +87,14 @@ class ClientConnection:
         self.close_reason = ""
         # batch connections are woken by the hub's flush clock, others at once
         self._schedule = schedule if batch and schedule is not None else None
+        self.scheduled = False  # on the hub's list for the next flush tick
 
     def _notify(self) -> None:
-        if self._schedule is not None:
-            self._schedule(self)
-        else:
+        if self._schedule is None:
             self.wakeup.set()
+        elif not self.scheduled:
+            self.scheduled = True
+            self._schedule(self)
 
     # -- called by the hub / command handler (synchronous) ---------------------------------
 
@@ -125,7 +127,8 @@ class ClientConnection:
             self.conflated[product] = _Conflated(live, skipped)
         if self._schedule is None:
             self.wakeup.set()
-        else:
+        elif not self.scheduled:  # once per flush window, not once per tick
+            self.scheduled = True
             self._schedule(self)
 
     def start_after(self, product: str, seq: int | None) -> None:

@@ -116,4 +116,5 @@ class Hub:
             if self.dirty:
                 dirty, self.dirty = self.dirty, set()
                 for conn in dirty:
+                    conn.scheduled = False
                     conn.wakeup.set()

@@ -98,3 +98,29 @@ LIVE_RESUMES = Counter(
     "ledgerflux_gateway_live_resumes_total",
     "Times the live tail's consumer was recreated where it left off (reconnect, missed heartbeats)",
 )
+
+
+class FlushCounts:
+    """Per-flush counters kept as plain ints and added to Prometheus when ``/metrics`` is
+    read: a locked ``Counter.inc`` per flush per connection was ~5 % of the fan-out's CPU."""
+
+    __slots__ = ("batch_frames", "bytes", "ticks")
+
+    def __init__(self) -> None:
+        self.ticks = 0
+        self.bytes = 0
+        self.batch_frames = 0
+
+    def export(self) -> None:
+        ticks, sent, frames = self.ticks, self.bytes, self.batch_frames
+        self.ticks = self.bytes = self.batch_frames = 0
+        if ticks:
+            _TICKS_OUT.inc(ticks)
+        if sent:
+            BYTES_OUT.inc(sent)
+        if frames:
+            BATCH_FRAMES.inc(frames)
+
+
+_TICKS_OUT = MESSAGES_OUT.labels(type="tick")
+FLUSHED = FlushCounts()

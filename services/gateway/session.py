@@ -52,8 +52,6 @@ BACKFILL_CHUNK = 500  # ticks per backfill message (~250 KB): bounded frames, fe
 # how long a close may wait for a backed-up socket to take the close frame
 _CLOSE_TIMEOUT_S = 5.0
 
-_TICK_MESSAGES = metrics.MESSAGES_OUT.labels(type="tick")
-
 
 class _Closed(Exception):
     """The session ended (client gone or closed by us)."""
@@ -402,7 +400,7 @@ async def _send_batch(ws: WebSocket, frames: list[tuple[Frame, str]]) -> int:
 def _batch_body(frames: list[tuple[Frame, str]]) -> bytes:
     # encode once: the array is the stored tick bytes joined, never re-serialized
     body = b"[%b]" % b",".join(f.data if isinstance(f, LiveTick) else f for f, _ in frames)
-    metrics.BATCH_FRAMES.inc()
+    metrics.FLUSHED.batch_frames += 1
     metrics.BATCH_MESSAGES.observe(len(frames))
     return body
 
@@ -414,9 +412,9 @@ def _count(frames: list[tuple[Frame, str]], sent_bytes: int) -> None:
             ticks += 1
         else:
             metrics.MESSAGES_OUT.labels(type=kind).inc()
-    if ticks:
-        _TICK_MESSAGES.inc(ticks)
-    metrics.BYTES_OUT.inc(sent_bytes)
+    counts = metrics.FLUSHED
+    counts.ticks += ticks
+    counts.bytes += sent_bytes
 
 
 async def _close(ws: WebSocket, conn: ClientConnection) -> None:
