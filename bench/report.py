@@ -147,8 +147,11 @@ def _fanout_goals(r: dict[str, Any] | None) -> list[Goal]:
         goals.append(Goal(label, target, achieved, "delivered ticks/s, same load", achieved, met))
     idle = _dig(r, "idle", "ours_kib_per_connection")
     broadcast_idle = _dig(r, "idle", "broadcast_kib_per_connection")
+    held = _dig(r, "idle", "connections")
+    held_label = f"{held:,}" if isinstance(held, int) else "?"
     goals.append(Goal(
-        "Memory per idle connection (10k)", "≤ 30 KiB", _num(idle, ".1f", " KiB"),
+        f"Memory per idle connection ({held_label} held; goal at 10k)", "≤ 30 KiB",
+        _num(idle, ".1f", " KiB"),
         f"websockets server {_num(broadcast_idle, '.1f', ' KiB')}", _ratio(idle, broadcast_idle),
         None if idle is None else idle <= 30,
     ))  # fmt: skip
