@@ -18,7 +18,7 @@ FRAMES_PUBLISHED = Counter(
 )
 FRAMES_DROPPED = Counter(
     "ledgerflux_ingestor_frames_dropped_total",
-    "Frames dropped because the buffer was full while NATS was unreachable",
+    "Oldest frames dropped from the full outbound buffer (NATS away, or slower than the feed)",
     ["product"],
 )
 DEAD_LETTERS = Counter(
