@@ -35,6 +35,7 @@ class LineFile:
         self._file = file
         self._buf: list[bytes] = []
         self._lock = asyncio.Lock()
+        self._writing: asyncio.Future[None] | None = None
         self.lines = 0
 
     @classmethod
@@ -51,7 +52,10 @@ class LineFile:
             if not self._buf:
                 return
             data, self._buf = b"".join(self._buf), []
-            await asyncio.to_thread(self._write, data)
+            # shielded: when stop() cancels the flushing task, the thread still writes these
+            # lines, and close() waits for that before it closes the file
+            self._writing = asyncio.ensure_future(asyncio.to_thread(self._write, data))
+            await asyncio.shield(self._writing)
 
     def _write(self, data: bytes) -> None:
         self._file.write(data)
@@ -63,6 +67,8 @@ class LineFile:
             await self.flush()
 
     async def close(self) -> None:
+        if self._writing is not None:
+            await self._writing  # a write whose flush was cancelled mid-way
         await self.flush()
         await asyncio.to_thread(self._file.close)
 

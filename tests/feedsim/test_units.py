@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import math
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -12,6 +15,7 @@ import pytest
 
 from services.feedsim import FaultSpecError, FeedSimSettings, parse_faults
 from services.feedsim.__main__ import parse_settings
+from services.feedsim.emitlog import LineFile
 from services.feedsim.faults import FaultInjector, parse_duration
 from services.feedsim.market import Market, ProductModel, derive_spec, fmt_price, fmt_size
 from services.feedsim.protocol import AUTH_REASON, encode, parse_command
@@ -205,3 +209,21 @@ def test_env_and_cli_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     cli = parse_settings(["--rate", "7", "--num-products", "2"])
     assert cli.rate == 7
     assert cli.product_ids == ["BTC-USD", "ETH-USD", "SIM0001-USD", "SIM0002-USD"]
+
+
+async def test_lines_of_a_cancelled_flush_are_written_before_close(tmp_path: Path) -> None:
+    """stop() cancels the task that flushes the emit/delivery log, possibly while its lines
+    are on their way to the worker thread: close() must still write them (a replay of the
+    emit log once found it empty)."""
+    path = tmp_path / "lines.jsonl"
+    log = await LineFile.open(path)
+    lines = [b'{"n":%d}\n' % n for n in range(1000)]
+    for line in lines:
+        log.append(line)
+    flushing = asyncio.create_task(log.flush())
+    await asyncio.sleep(0)  # the flush has handed its lines to the thread
+    flushing.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await flushing
+    await log.close()
+    assert path.read_bytes() == b"".join(lines)
