@@ -174,22 +174,23 @@ async def ensure_streams(js: JetStreamContext, settings: CommonSettings) -> None
             log.info("stream_updated", stream=config.name)
 
 
-def stream_seq_of(msg: Msg) -> int:
-    """The stream sequence of a JetStream message, read from its ack subject
+def ack_sequences(msg: Msg) -> tuple[int, int]:
+    """(stream sequence, consumer sequence) of a JetStream message, read from its ack subject
     (``$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<ns>.<pending>``)
     without building ``msg.metadata`` (a datetime and five objects per message)."""
     tokens = msg.reply.split(".")
     if len(tokens) == 9 and tokens[0] == "$JS" and tokens[1] == "ACK":
-        return int(tokens[5])
-    return int(msg.metadata.sequence.stream)  # the longer v2 form (domains, account hash)
+        return int(tokens[5]), int(tokens[6])
+    sequence = msg.metadata.sequence  # the longer v2 form (domains, account hash)
+    return int(sequence.stream), int(sequence.consumer)
+
+
+def stream_seq_of(msg: Msg) -> int:
+    return ack_sequences(msg)[0]
 
 
 def consumer_seq_of(msg: Msg) -> int:
-    """The consumer (delivery) sequence of a JetStream message, from its ack subject."""
-    tokens = msg.reply.split(".")
-    if len(tokens) == 9 and tokens[0] == "$JS" and tokens[1] == "ACK":
-        return int(tokens[6])
-    return int(msg.metadata.sequence.consumer)
+    return ack_sequences(msg)[1]
 
 
 async def durable_pull(

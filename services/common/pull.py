@@ -104,8 +104,10 @@ class TrackedPull:
         )
         return msgs[:gap]
 
-    def acked(self, msg: Msg) -> None:
-        self.acked_through = stream_seq_of(msg)
+    def acked(self, msg: Msg) -> int:
+        """Record ``msg`` (and, AckPolicy.ALL, all before it) as acked; its stream seq."""
+        self.acked_through = seq = stream_seq_of(msg)
+        return seq
 
     async def rewind(self, stop: asyncio.Event) -> bool:
         """Recreate the durable at the first message not acked; ``False`` if stopped."""

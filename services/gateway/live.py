@@ -20,6 +20,7 @@ from nats.aio.msg import Msg
 from nats.js import api
 from nats.js.client import JetStreamContext
 
+from services.common.broker import ack_sequences
 from services.common.logging import get_logger
 from services.common.subjects import TICKS_STREAM, TICKS_WILDCARD
 from services.gateway import metrics
@@ -40,15 +41,12 @@ async def subscribe_live(
 
     async def deliver(msg: Msg) -> None:
         nonlocal consumer
-        tokens = msg.reply.split(".")
-        # $JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<ns>.<pending>
-        if len(tokens) == 9:
-            stream_seq, consumer_seq = int(tokens[5]), int(tokens[6])
-            if consumer_seq <= consumer:
-                metrics.LIVE_RESUMES.inc()
-                log.info("live_tail_resumed", stream_seq=stream_seq)
-            consumer = consumer_seq
-            metrics.LIVE_STREAM_SEQ.set(stream_seq)
+        stream_seq, consumer_seq = ack_sequences(msg)
+        if consumer_seq <= consumer:
+            metrics.LIVE_RESUMES.inc()
+            log.info("live_tail_resumed", stream_seq=stream_seq)
+        consumer = consumer_seq
+        metrics.LIVE_STREAM_SEQ.set(stream_seq)
         await on_tick(msg)
 
     sub = await js.subscribe(

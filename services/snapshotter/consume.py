@@ -20,6 +20,7 @@ import msgspec
 from nats.aio.msg import Msg
 
 from services.common.aio import wait_any
+from services.common.broker import stream_seq_of
 from services.common.logging import get_logger
 from services.common.models import decode_tick
 from services.common.pull import TrackedPull
@@ -86,7 +87,7 @@ class Pass:
                     tick_json=msg.data.decode(),
                     price=tick.price,
                     time=tick.time,
-                    stream_seq=msg.metadata.sequence.stream,
+                    stream_seq=stream_seq_of(msg),
                 )
             )
         return out
@@ -175,10 +176,10 @@ async def consume(
         )
         assert work.last is not None
         await work.last.ack()  # AckPolicy.ALL: covers every message of the pass (no hole)
-        pull.acked(work.last)
+        covered = pull.acked(work.last)
         if written:
             metrics.COALESCE_RATIO.set(work.count / len(written))
-        state.apply(written, work.last.metadata.sequence.stream)
+        state.apply(written, covered)
         return True
 
     async with asyncio.TaskGroup() as tg:
