@@ -30,8 +30,9 @@ from nats.js.api import PubAck
 from services.common import metrics
 from services.common.errors import BrokerError, PublishTimeoutError
 from services.common.settings import CommonSettings
+from services.common.subjects import HDR_MSG_ID
 
-HDR_MSG_ID = "Nats-Msg-Id"
+_MSG_ID_PREFIX = HDR_MSG_ID.encode() + b": "
 _NO_RESPONDERS = "503"
 _CRLF = b"\r\n"
 
@@ -64,7 +65,7 @@ class PendingPublish:
 def _header_block(msg_id: str | None, headers: Mapping[str, str] | None) -> bytes:
     parts = [b"NATS/1.0\r\n"]
     if msg_id is not None:
-        parts.append(b"Nats-Msg-Id: %b\r\n" % _clean(msg_id))
+        parts.append(b"%b%b\r\n" % (_MSG_ID_PREFIX, _clean(msg_id)))
     if headers:
         for key, value in headers.items():
             parts.append(b"%b: %b\r\n" % (key.encode(), _clean(value)))

@@ -17,8 +17,6 @@ import contextlib
 import json
 import os
 import random
-import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
@@ -77,19 +75,6 @@ class ModuleProcess(ServiceProcess):
     def __init__(self, name: str, module: str, log_dir: Path, args: list[str]) -> None:
         super().__init__(name, PYCACHE_ENV, log_dir, args)
         self.module = module
-
-    def start(self) -> ModuleProcess:
-        log_file = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", self.module, *self.args],
-            cwd=REPO,
-            env=self.env,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
-        log_file.close()
-        return self
 
 
 class Service:

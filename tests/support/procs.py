@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -28,6 +28,7 @@ class ServiceProcess:
         self, name: str, env: dict[str, str], log_dir: Path, args: list[str] | None = None
     ) -> None:
         self.name = name
+        self.module = f"services.{name}"
         self.args = args or []
         self.env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
         self.log_path = log_dir / f"{name}.log"
@@ -38,10 +39,10 @@ class ServiceProcess:
         self.log_path.touch()
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> ServiceProcess:
+    def start(self) -> Self:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", f"services.{self.name}", *self.args],
+            [sys.executable, "-m", self.module, *self.args],
             cwd=REPO,
             env=self.env,
             stdout=log,
