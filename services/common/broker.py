@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import random
 from collections.abc import Iterable
+from typing import Protocol
 
 import nats
 import nats.errors
@@ -175,13 +176,19 @@ async def ensure_streams(js: JetStreamContext, settings: CommonSettings) -> None
 
 
 def ack_sequences(msg: Msg) -> tuple[int, int]:
-    """(stream sequence, consumer sequence) of a JetStream message, read from its ack subject
-    (``$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<ns>.<pending>``)
-    without building ``msg.metadata`` (a datetime and five objects per message)."""
-    tokens = msg.reply.split(".")
+    """(stream sequence, consumer sequence) of a JetStream message (see below)."""
+    return ack_subject_sequences(msg.reply)
+
+
+def ack_subject_sequences(reply: str) -> tuple[int, int]:
+    """(stream sequence, consumer sequence) read from an ack subject (``$JS.ACK.<stream>.
+    <consumer>.<delivered>.<stream seq>.<consumer seq>.<ns>.<pending>``) without building
+    ``msg.metadata`` (a datetime and five objects per message)."""
+    tokens = reply.split(".")
     if len(tokens) == 9 and tokens[0] == "$JS" and tokens[1] == "ACK":
         return int(tokens[5]), int(tokens[6])
-    sequence = msg.metadata.sequence  # the longer v2 form (domains, account hash)
+    # the longer v2 form (domains, account hash): nats-py's own parser
+    sequence = Msg(_client=None, reply=reply).metadata.sequence  # type: ignore[arg-type]
     return int(sequence.stream), int(sequence.consumer)
 
 
@@ -204,7 +211,33 @@ async def durable_pull(
     ack_policy: AckPolicy = AckPolicy.EXPLICIT,
     resume_from: int | None = None,
 ) -> JetStreamContext.PullSubscription:
-    """Bind to a durable pull consumer, creating it or rewinding it first when needed.
+    """:func:`ensure_durable`, then nats-py's pull subscription on it (for tools and tests;
+    the services' hot loops use :class:`services.common.pull.TrackedPull`)."""
+    await ensure_durable(
+        js,
+        stream=stream,
+        durable=durable,
+        filter_subjects=filter_subjects,
+        max_ack_pending=max_ack_pending,
+        ack_wait_s=ack_wait_s,
+        ack_policy=ack_policy,
+        resume_from=resume_from,
+    )
+    return await js.pull_subscribe_bind(durable=durable, stream=stream)
+
+
+async def ensure_durable(
+    js: JetStreamContext,
+    *,
+    stream: str,
+    durable: str,
+    filter_subjects: list[str],
+    max_ack_pending: int = 20_000,
+    ack_wait_s: float = 30.0,
+    ack_policy: AckPolicy = AckPolicy.EXPLICIT,
+    resume_from: int | None = None,
+) -> None:
+    """Make the durable pull consumer exist as configured, creating or rewinding it first.
 
     ``resume_from`` (a stream sequence) forces a rewind there: the caller found a hole in
     its deliveries (see :mod:`services.common.pull`).
@@ -266,7 +299,6 @@ async def durable_pull(
             await js.add_consumer(stream, config)
         except nats.js.errors.BadRequestError as exc:
             raise StreamConfigError(stream, f"consumer {durable}: {exc.description}") from exc
-    return await js.pull_subscribe_bind(durable=durable, stream=stream)
 
 
 async def fetch_batch(
@@ -312,9 +344,11 @@ async def report_consumer_lag(
         await _sleep_or_stop(period_s, stop)
 
 
-async def close(
-    nc: NATS, timeout_s: float, *, pull_subs: Iterable[JetStreamContext.PullSubscription] = ()
-) -> None:
+class Unsubscribable(Protocol):
+    async def unsubscribe(self) -> None: ...
+
+
+async def close(nc: NATS, timeout_s: float, *, pull_subs: Iterable[Unsubscribable] = ()) -> None:
     """Drain (flush publishes and acks, finish subscriptions) within ``timeout_s``, else close.
 
     Pull subscriptions are unsubscribed first: nobody reads their queue any more, and

@@ -24,16 +24,16 @@ import msgspec
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
 from nats.js.api import PubAck
 
 from services.common import metrics
 from services.common.errors import BrokerError, PublishTimeoutError
 from services.common.settings import CommonSettings
 from services.common.subjects import HDR_MSG_ID
+from services.common.wire import status_of, subscribe_direct
 
 _MSG_ID_PREFIX = HDR_MSG_ID.encode() + b": "
-_NO_RESPONDERS = "503"
+_NO_RESPONDERS = b"503"
 _CRLF = b"\r\n"
 
 
@@ -59,7 +59,7 @@ class PendingPublish:
     stream: str
     started: float
     future: asyncio.Future[PubAck]
-    token: str = ""
+    token: bytes = b""
 
 
 def _header_block(msg_id: str | None, headers: Mapping[str, str] | None) -> bytes:
@@ -93,17 +93,18 @@ class Publisher:
         self.js = nc.jetstream()  # stream management for callers; publishes bypass it
         self._ack_timeout_s = settings.publish_ack_timeout_s
         self._max_in_flight = settings.publish_max_in_flight
-        self._inbox: str | None = None
-        self._acks: dict[str, asyncio.Future[PubAck]] = {}
+        self._inbox: bytes | None = None
+        self._acks: dict[bytes, asyncio.Future[PubAck]] = {}
         self._counter = 0
         self._room = asyncio.Event()
         self._room.set()
 
-    async def _open_inbox(self) -> str:
+    async def _open_inbox(self) -> bytes:
         prefix = self.nc.new_inbox() + "."
-        await self.nc.subscribe(prefix + "*", cb=self._on_ack, pending_msgs_limit=1_000_000)
-        self._inbox = prefix
-        return prefix
+        # acks are settled in the read loop itself (services.common.wire)
+        await subscribe_direct(self.nc, prefix + "*", self._on_ack)
+        self._inbox = prefix.encode()
+        return self._inbox
 
     async def publish(
         self,
@@ -119,19 +120,18 @@ class Publisher:
             self._room.clear()
             await self._room.wait()
         self._counter += 1
-        token = str(self._counter)
+        token = b"%d" % self._counter
         future: asyncio.Future[PubAck] = asyncio.get_running_loop().create_future()
         self._acks[token] = future
         started = time.perf_counter()
-        reply = inbox + token
         if msg_id is None and not headers:
-            command = b"PUB %b %b %d\r\n%b\r\n" % (
-                subject.encode(), reply.encode(), len(payload), payload
+            command = b"PUB %b %b%b %d\r\n%b\r\n" % (
+                subject.encode(), inbox, token, len(payload), payload
             )  # fmt: skip
         else:
             block = _header_block(msg_id, headers)
-            command = b"HPUB %b %b %d %d\r\n%b%b\r\n" % (
-                subject.encode(), reply.encode(), len(block), len(block) + len(payload),
+            command = b"HPUB %b %b%b %d %d\r\n%b%b\r\n" % (
+                subject.encode(), inbox, token, len(block), len(block) + len(payload),
                 block, payload,
             )  # fmt: skip
         try:
@@ -160,22 +160,22 @@ class Publisher:
         if nc._flush_queue is not None and nc._flush_queue.empty():
             await nc._flush_pending()
 
-    def _settle(self, token: str) -> asyncio.Future[PubAck] | None:
+    def _settle(self, token: bytes) -> asyncio.Future[PubAck] | None:
         future = self._acks.pop(token, None)
         if len(self._acks) < self._max_in_flight:
             self._room.set()
         return future
 
-    async def _on_ack(self, msg: Msg) -> None:
+    def _on_ack(self, subject: bytes, _reply: bytes, data: bytes, headers: bytes | None) -> None:
         assert self._inbox is not None
-        future = self._settle(msg.subject[len(self._inbox) :])
+        future = self._settle(subject[len(self._inbox) :])
         if future is None or future.done():
             return  # timed out and cancelled already
-        if msg.headers and msg.headers.get("Status") == _NO_RESPONDERS:
+        if status_of(headers) == _NO_RESPONDERS:
             future.set_exception(nats.js.errors.NoStreamResponseError())
             return
         try:
-            body = _decode_ack(msg.data)
+            body = _decode_ack(data)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             future.set_exception(BrokerError(f"unreadable PubAck: {exc}"))
             return

@@ -9,25 +9,182 @@ AckPolicy.ALL the ack of any newer message acks them too: they would never be pr
 
 So a fetch stops at a hole: the caller handles and acks what came before it, then calls
 :meth:`TrackedPull.rewind`, which recreates the durable at the first frame not acked.
+
+Deliveries come through :class:`DirectPull`: pull requests kept topped up so the server
+pushes the next batch while this one is handled (no request round trip per batch), the
+messages parsed in the read loop (:mod:`services.common.wire`) into a plain buffer.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
+from collections import deque
 from typing import Any
 
+import msgspec
 import nats.errors
+from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 
 from services.common import metrics
-from services.common.broker import consumer_seq_of, durable_pull, fetch_batch, stream_seq_of
+from services.common.aio import Signal
+from services.common.broker import consumer_seq_of, ensure_durable, stream_seq_of
 from services.common.logging import get_logger
+from services.common.wire import parse_headers, status_of, subscribe_direct, unsubscribe_direct
 
 log = get_logger(__name__)
 
 _REBIND_RETRY_S = 0.5
+_STATUS_RETRY_S = 0.05  # after a 409/503 (leader moving, too many waiting requests)
+
+
+class _PullRequest(msgspec.Struct):
+    batch: int
+    expires: int  # ns
+
+
+_encode_request = msgspec.json.Encoder().encode
+
+
+class DirectPull:
+    """The deliveries of one durable pull consumer, into a buffer.
+
+    Pull requests are kept topped up to twice the batch in messages of credit, so deliveries
+    continue while the caller handles a batch (the consumer's ``max_ack_pending`` still
+    bounds what is in flight). The server fills requests in order and ends an expired one
+    with a 408; a request lost with a server (reconnect, leader change) is forgotten at its
+    own expiry, so a stall lasts one ``expires`` at most.
+    """
+
+    def __init__(self, nc: NATS, stream: str, durable: str, *, expires_s: float = 1.0) -> None:
+        self.nc = nc
+        self.stream = stream
+        self._next = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}"
+        self._inbox = nc.new_inbox()
+        self._expires_s = expires_s
+        self._ready: deque[Msg] = deque()
+        self._arrived = Signal()
+        # [messages still owed, local deadline] per live request, oldest first
+        self._requests: deque[list[float]] = deque()
+        self._retry_at = 0.0
+        self._finishing = False
+        self._sub: Subscription | None = None
+
+    async def subscribe(self) -> None:
+        self._sub = await subscribe_direct(self.nc, self._inbox, self._on_message)
+
+    async def unsubscribe(self) -> None:
+        if self._sub is not None:
+            sub, self._sub = self._sub, None
+            await unsubscribe_direct(self.nc, sub)
+
+    def _on_message(self, subject: bytes, reply: bytes, data: bytes, headers: bytes | None) -> None:
+        status = status_of(headers)
+        if status is None:
+            self._ready.append(
+                Msg(
+                    self.nc,
+                    subject.decode(),
+                    reply.decode(),
+                    data,
+                    parse_headers(headers) if headers is not None else None,
+                )
+            )
+            requests = self._requests
+            if requests:
+                head = requests[0]
+                head[0] -= 1
+                if head[0] <= 0:
+                    requests.popleft()
+        elif status == b"408" or status == b"404":
+            if self._requests:
+                self._requests.popleft()  # the oldest request expired
+        elif status != b"100":  # 409 leader change / consumer deleted, 503 no responders
+            self._requests.clear()
+            self._retry_at = time.monotonic() + _STATUS_RETRY_S
+            assert headers is not None
+            log.info(
+                "pull_status",
+                stream=self.stream,
+                status=status.decode(),
+                description=parse_headers(headers).get("Description"),
+            )
+        self._arrived.set()
+
+    def finish(self) -> None:
+        """Ask for nothing more: what requests still owe arrives, then ``fetch`` returns
+        ``[]`` at once (a clean stop leaves no delivered message un-acked)."""
+        self._finishing = True
+
+    @property
+    def finished(self) -> bool:
+        return self._finishing and not self._ready and not self._live_requests()
+
+    def _live_requests(self) -> int:
+        now = time.monotonic()
+        requests = self._requests
+        while requests and requests[0][1] < now:
+            requests.popleft()  # lost with a server: the server forgot it too
+        return len(requests)
+
+    async def _top_up(self, batch: int) -> None:
+        if self._finishing:
+            return
+        self._live_requests()
+        now = time.monotonic()
+        if now < self._retry_at:
+            return
+        requests = self._requests
+        owed = sum(int(request[0]) for request in requests)
+        want = 2 * batch - owed - len(self._ready)
+        if want < max(1, batch // 2):
+            return
+        request = _PullRequest(want, int(self._expires_s * 1e9))
+        requests.append([want, now + self._expires_s + 0.5])
+        try:
+            await self.nc.publish(self._next, _encode_request(request), reply=self._inbox)
+        except nats.errors.Error:
+            requests.pop()
+            raise
+
+    def _wake_in(self, now: float, deadline: float) -> float:
+        """Seconds until a message may arrive, a retry is due or a request lapses."""
+        wake = deadline
+        if self._retry_at > now:
+            wake = min(wake, self._retry_at)
+        if self._requests:
+            wake = min(wake, self._requests[0][1])
+        return max(wake - now, 0.001)
+
+    async def fetch(self, batch: int, timeout_s: float) -> list[Msg]:
+        """Up to ``batch`` messages as soon as there are any, else ``[]`` after ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        ready = self._ready
+        while not ready:
+            if self.finished:
+                return []
+            try:
+                await self._top_up(batch)
+            except nats.errors.Error as exc:  # NATS away: ask again a little later
+                log.warning("fetch_failed", stream=self.stream, error=repr(exc))
+            now = time.monotonic()
+            if now >= deadline:
+                return []
+            self._arrived.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._wake_in(now, deadline)):
+                    await self._arrived.wait()
+        # the rest of a burst is often in the socket already: let the read loop take it
+        await asyncio.sleep(0)
+        count = min(batch, len(ready))
+        msgs = [ready.popleft() for _ in range(count)]
+        with contextlib.suppress(nats.errors.Error):
+            await self._top_up(batch)  # the next batch flows while this one is handled
+        return msgs
 
 
 class DeliveryTracker:
@@ -54,7 +211,7 @@ class TrackedPull:
     def __init__(
         self,
         js: JetStreamContext,
-        subs: list[JetStreamContext.PullSubscription],
+        subs: list[DirectPull],
         *,
         stream: str,
         durable: str,
@@ -65,19 +222,21 @@ class TrackedPull:
         self.durable = durable
         self._config = config
         self._subs = subs  # every subscription made, for the drain at shutdown
-        self.sub: JetStreamContext.PullSubscription | None = None
+        self.sub: DirectPull | None = None
         self.tracker = DeliveryTracker(1)
         self.acked_through: int | None = None  # stream seq of the last message acked
         self.hole = False  # the last fetch stopped at a hole: ack what came, then rewind
 
     async def bind(self, resume_from: int | None = None) -> None:
-        self.sub = await durable_pull(
+        await ensure_durable(
             self.js,
             stream=self.stream,
             durable=self.durable,
             resume_from=resume_from,
             **self._config,
         )
+        self.sub = DirectPull(self.js._nc, self.stream, self.durable)
+        await self.sub.subscribe()
         self._subs.append(self.sub)
         info = await self.js.consumer_info(self.stream, self.durable)
         delivered = info.delivered.consumer_seq if info.delivered else 0
@@ -88,7 +247,7 @@ class TrackedPull:
         """Up to ``batch`` messages, ending before a hole if there is one (``hole`` is then
         set: ack what was returned, then :meth:`rewind`)."""
         assert self.sub is not None, "bind() first"
-        msgs = await fetch_batch(self.sub, batch, timeout_s)
+        msgs = await self.sub.fetch(batch, timeout_s)
         gap = self.tracker.first_gap(msgs) if msgs else None
         if gap is None:
             return msgs
@@ -103,6 +262,16 @@ class TrackedPull:
             got_stream_seq=stream_seq_of(msgs[gap]),
         )
         return msgs[:gap]
+
+    def finish(self) -> None:
+        """Stop asking for more (see :meth:`DirectPull.finish`)."""
+        if self.sub is not None:
+            self.sub.finish()
+
+    @property
+    def finished(self) -> bool:
+        """After :meth:`finish`: every delivery requested has been returned."""
+        return self.sub is None or self.sub.finished
 
     def acked(self, msg: Msg) -> int:
         """Record ``msg`` (and, AckPolicy.ALL, all before it) as acked; its stream seq."""

@@ -5,13 +5,12 @@ from __future__ import annotations
 import asyncio
 import sys
 
-from nats.js import JetStreamContext
 from nats.js.api import AckPolicy
 
 from services.common import broker
 from services.common.lifecycle import run_service
 from services.common.logging import get_logger
-from services.common.pull import TrackedPull
+from services.common.pull import DirectPull, TrackedPull
 from services.common.subjects import RAW_STREAM, RAW_WILDCARD
 from services.normalizer.consume import Normalizer
 from services.normalizer.settings import NormalizerSettings
@@ -22,7 +21,7 @@ log = get_logger(__name__)
 
 async def main(settings: NormalizerSettings, stop: asyncio.Event) -> None:
     nc = await broker.connect(settings, name="ledgerflux-normalizer", stop=stop)
-    subs: list[JetStreamContext.PullSubscription] = []
+    subs: list[DirectPull] = []
     try:
         publisher = broker.Publisher(nc, settings)
         js = publisher.js

@@ -12,7 +12,7 @@ import time
 
 from nats.aio.msg import Msg
 
-from services.common.broker import Publisher, stream_seq_of
+from services.common.broker import Publisher
 from services.common.logging import get_logger
 from services.common.pull import TrackedPull
 from services.normalizer import metrics
@@ -32,24 +32,28 @@ class Normalizer:
         self.owned = settings.owned_shards
 
     async def run(self, pull: TrackedPull, stop: asyncio.Event) -> None:
-        """Consume until ``stop``; the batch in hand when it is set is finished first.
+        """Consume until ``stop``; what was delivered by then is handled and acked first.
 
         A batch ends before a hole in the deliveries (AckPolicy.ALL would ack frames never
         seen); once it is acked the durable is rewound to the first frame not handled.
         """
-        while not stop.is_set():
+        while True:
+            if stop.is_set():
+                pull.finish()
             msgs = await pull.fetch(self.settings.fetch_batch, self.settings.fetch_timeout_s)
             if msgs:
                 if not await self.handle(msgs, stop):
                     return
                 pull.acked(msgs[-1])
-            if pull.hole and not await pull.rewind(stop):
+            elif pull.finished:
+                return
+            if pull.hole and (stop.is_set() or not await pull.rewind(stop)):
                 return
 
     async def handle(self, msgs: list[Msg], stop: asyncio.Event) -> bool:
         """Normalize, publish and ack one batch; ``False`` if stopped before it was durable."""
         started = time.perf_counter()
-        frames = [RawIn(m.subject, m.data, m.headers, stream_seq_of(m)) for m in msgs]
+        frames = [RawIn(m.subject, m.data, m.headers, None, m.reply) for m in msgs]
         result = process_batch(
             frames,
             self.last_seq,

@@ -17,7 +17,7 @@ from nats.js.api import AckPolicy
 from services.common import broker
 from services.common.lifecycle import EXIT_CONFIG, run_service
 from services.common.logging import configure_logging, get_logger
-from services.common.pull import TrackedPull
+from services.common.pull import DirectPull, TrackedPull
 from services.common.settings import ConfigError
 from services.common.subjects import TICKS_STREAM, shard_of, tick_filters
 from services.snapshotter.consume import consume
@@ -36,7 +36,7 @@ log = get_logger(__name__)
 async def main(settings: SnapshotterSettings, stop: asyncio.Event) -> None:
     session = aioboto3.Session()
     nc = await broker.connect(settings, name="ledgerflux-snapshotter", stop=stop)
-    subs: list[JetStreamContext.PullSubscription] = []
+    subs: list[DirectPull] = []
     try:
         js = nc.jetstream()
         await broker.ensure_streams(js, settings)

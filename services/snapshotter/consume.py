@@ -114,8 +114,10 @@ async def consume(
 
     async def fetcher() -> None:
         try:
-            while not stop.is_set():
-                if current.count >= limit:
+            while True:
+                if stop.is_set():
+                    pull.finish()  # what is delivered by now is still written and acked
+                elif current.count >= limit:
                     room.clear()
                     await wait_any(room, stop)
                     continue
@@ -124,6 +126,8 @@ async def consume(
                     settled.clear()
                     current.add(msgs)
                     have_work.set()
+                elif pull.finished:
+                    return
                 if pull.hole:
                     # the rewind starts after the last ack: write and ack what came first
                     await wait_any(settled, stop)

@@ -10,11 +10,12 @@ from collections.abc import AsyncIterator
 import nats
 import pytest
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, StreamConfig
 
 from services.common.broker import stream_seq_of
-from services.common.pull import TrackedPull
+from services.common.pull import DirectPull, TrackedPull
 from services.devstack.servers import NatsServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
@@ -33,7 +34,7 @@ async def js(nats_server: NatsServer) -> AsyncIterator[JetStreamContext]:
     await nc.close()
 
 
-def _pull(js: JetStreamContext, subs: list[JetStreamContext.PullSubscription]) -> TrackedPull:
+def _pull(js: JetStreamContext, subs: list[DirectPull]) -> TrackedPull:
     return TrackedPull(
         js, subs, stream=STREAM, durable=DURABLE, filter_subjects=["holes.>"],
         max_ack_pending=100, ack_wait_s=30.0, ack_policy=AckPolicy.ALL,
@@ -64,7 +65,7 @@ async def _consume_all(pull: TrackedPull, stop: asyncio.Event, want: int) -> lis
 async def test_deliveries_lost_in_transit_are_consumed_after_a_rewind(
     js: JetStreamContext,
 ) -> None:
-    subs: list[JetStreamContext.PullSubscription] = []
+    subs: list[DirectPull] = []
     pull = _pull(js, subs)
     await pull.bind()
     first = await pull.fetch(2, 2)
@@ -94,7 +95,11 @@ async def test_without_the_check_all_ack_swallows_the_lost_deliveries(
     await pull.bind()
     await _lose_deliveries(js, 5)
     assert pull.sub is not None
-    msgs = await pull.sub.fetch(5, timeout=2)
+    msgs: list[Msg] = []
+    while len(msgs) < 5:
+        more = await pull.sub.fetch(5 - len(msgs), 2)
+        assert more, "the deliveries after the lost ones never came"
+        msgs += more
     assert [stream_seq_of(m) for m in msgs] == [6, 7, 8, 9, 10]
     await msgs[-1].ack()
     await asyncio.sleep(0.2)
