@@ -24,7 +24,6 @@ import msgspec
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NATS
-from nats.js.api import PubAck
 
 from services.common import metrics
 from services.common.errors import BrokerError, PublishTimeoutError
@@ -43,7 +42,9 @@ class _ApiError(msgspec.Struct):
     description: str | None = None
 
 
-class _PubAckBody(msgspec.Struct):
+class PubAck(msgspec.Struct):
+    """A stream's acknowledgement of a publish (nats-py's fields; decoded straight into)."""
+
     stream: str = ""
     seq: int = 0
     duplicate: bool = False
@@ -51,7 +52,7 @@ class _PubAckBody(msgspec.Struct):
     error: _ApiError | None = None
 
 
-_decode_ack = msgspec.json.Decoder(_PubAckBody).decode
+_decode_ack = msgspec.json.Decoder(PubAck).decode
 
 
 @dataclass(slots=True)
@@ -185,7 +186,7 @@ class Publisher:
             except nats.js.errors.APIError as exc:  # from_error raises the typed error
                 future.set_exception(exc)
             return
-        future.set_result(PubAck(stream=body.stream, seq=body.seq, duplicate=body.duplicate))
+        future.set_result(body)
 
     def in_flight(self) -> int:
         return len(self._acks)

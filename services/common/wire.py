@@ -36,7 +36,6 @@ from nats.protocol.parser import (
 DirectHandler = Callable[[bytes, bytes, bytes, bytes | None], None]
 
 _CRLF = b"\r\n"
-_HEADER_LINE = b"NATS/1.0"
 
 
 class DirectParser(Parser):
@@ -177,20 +176,18 @@ async def unsubscribe_direct(nc: NATS, sub: Subscription) -> None:
 def parse_headers(raw: bytes) -> dict[str, str]:
     """A NATS header block as nats-py's ``Msg.headers`` has it: the inline status (``NATS/1.0
     408 Request Timeout``) as ``Status``/``Description``, then ``Name: Value`` lines."""
-    lines = raw.split(_CRLF)
+    lines = raw.decode("utf-8", "replace").split("\r\n")  # one decode, then str work
     headers: dict[str, str] = {}
-    status_line = lines[0][len(_HEADER_LINE) :].strip()
+    status_line = lines[0][8:].strip()  # after "NATS/1.0"
     if status_line:
-        code, _, description = status_line.partition(b" ")
-        headers["Status"] = code.decode("ascii", "replace")
+        code, _, description = status_line.partition(" ")
+        headers["Status"] = code
         if description:
-            headers["Description"] = description.decode("utf-8", "replace")
+            headers["Description"] = description
     for line in lines[1:]:
-        name, sep, value = line.partition(b":")
+        name, sep, value = line.partition(":")
         if sep and name:
-            headers[name.strip().decode("utf-8", "replace")] = value.strip().decode(
-                "utf-8", "replace"
-            )
+            headers[name.strip()] = value.strip()
     return headers
 
 

@@ -31,6 +31,7 @@ async def main(settings: IngestorSettings, stop: asyncio.Event) -> None:
         await broker.ensure_streams(publisher.js, settings)
         metrics.init_products(settings.coinbase_products)
         buffer = OutboundBuffer(maxlen=settings.ingest_buffer_max)
+        metrics.BUFFER_DEPTH.set_function(buffer.__len__)  # read at scrape, not per frame
         tracker = SequenceTracker()
         rest = RestClient(
             settings.coinbase_rest_url,
