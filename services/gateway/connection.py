@@ -6,11 +6,16 @@ or its send buffer is full, it keeps only the newest tick per product and sends 
 ``skipped`` = how many older ticks it replaced. While a product's backfill is read, its
 live ticks wait in a bounded hand-over buffer and are released after the backfill, newer
 than its last tick only. The writer (``session.py``) drains :meth:`next_frames`.
+
+A ``?batch=true`` connection gets live ticks from the hub's window lane (``window.py``):
+each flush, a prebuilt frame of the window's ticks when :meth:`take_window` finds that the
+per-tick path would have queued every one of them unchanged, else those ticks one by one
+through :meth:`offer_tick`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import msgspec
@@ -22,6 +27,7 @@ from services.gateway import metrics
 from services.gateway.ratelimit import TokenBucket
 from services.gateway.settings import GatewaySettings
 from services.gateway.ticks import LiveTick
+from services.gateway.window import WindowBatch
 
 log = get_logger(__name__)
 
@@ -32,9 +38,10 @@ CLOSE_TRY_AGAIN = 1013
 CLOSE_SLOW_CONSUMER = 4008
 CLOSE_UNAUTHORIZED = 4401
 
-# A queued frame: a shared tick (its bytes and cached text serve every client) or bytes
-# of this connection's own (control messages, ticks re-encoded with ``skipped``).
-Frame = LiveTick | bytes
+# A queued frame: a shared tick (its bytes and cached text serve every client), a shared
+# window of ticks (batch connections), or bytes of this connection's own (control
+# messages, ticks re-encoded with ``skipped``).
+Frame = LiveTick | WindowBatch | bytes
 
 
 @dataclass(slots=True)
@@ -70,6 +77,7 @@ class ClientConnection:
         *,
         batch: bool = False,
         schedule: Callable[[ClientConnection], None] | None = None,
+        catch_up: Callable[[ClientConnection], None] | None = None,
     ) -> None:
         self.conn_id = conn_id
         self.settings = settings
@@ -79,6 +87,11 @@ class ClientConnection:
         self.bucket = TokenBucket(settings.ws_max_msgs_per_sec, settings.ws_burst)
         self.queue: list[tuple[Frame, str]] = []  # a list: an empty deque is 760 bytes
         self._queue_limit = settings.ws_send_queue
+        # ticks in queued windows beyond their one entry each: the limit counts ticks
+        self._window_extra = 0
+        # every last_seq is at most the hub's latest seq as of the previous flush, so no
+        # tick of the next window was sent already: only taking a window whole keeps it
+        self.in_step = False
         self.conflated: dict[str, _Conflated] = {}
         self.handover: dict[str, _HandoverBuffer] = {}
         self.wakeup = Signal()
@@ -88,6 +101,8 @@ class ClientConnection:
         # batch connections are woken by the hub's flush clock, others at once
         self._schedule = schedule if batch and schedule is not None else None
         self.scheduled = False  # on the hub's list for the next flush tick
+        # hands over what the hub's open window holds for this connection (batch only)
+        self._catch_up = catch_up if batch else None
 
     def _notify(self) -> None:
         if self._schedule is None:
@@ -107,6 +122,7 @@ class ClientConnection:
         self, product: str, live: LiveTick, skipped: int = 0, now: float | None = None
     ) -> None:
         """Called for every subscriber of every tick: kept to plain attribute and dict work."""
+        self.in_step = False
         if self.handover and product in self.handover:
             self.handover[product].add(live)
             return
@@ -121,7 +137,11 @@ class ClientConnection:
             metrics.CONFLATED.inc()
             pending.live = live
             pending.skipped += 1 + skipped
-        elif not skipped and len(self.queue) < self._queue_limit and self.bucket.take(now):
+        elif (
+            not skipped
+            and len(self.queue) + self._window_extra < self._queue_limit
+            and self.bucket.take(now)
+        ):
             self.queue.append((live, "tick"))
         else:
             self.conflated[product] = _Conflated(live, skipped)
@@ -131,8 +151,46 @@ class ClientConnection:
             self.scheduled = True
             self._schedule(self)
 
+    def take_window(self, batch: WindowBatch, now: float, latest: Mapping[str, LiveTick]) -> bool:
+        """Queue ``batch``'s prebuilt frame when :meth:`offer_tick` would have queued each of
+        its ticks unchanged: no hand-over or conflation under way, room in the queue,
+        tokens for all of them, none sent already. Otherwise False: the caller offers them
+        one by one. ``latest`` is the hub's newest tick per product."""
+        count = batch.count
+        if (
+            self.conflated
+            or self.handover
+            or len(self.queue) + self._window_extra + count > self._queue_limit
+            or not (self.in_step or self._none_sent(batch, latest))
+            or not self.bucket.take_n(count, now)
+        ):
+            return False
+        self.queue.append((batch, "window"))
+        self._window_extra += count - 1
+        self.last_seq.update(batch.last)
+        self.in_step = True
+        self.wakeup.set()  # the hub's flush tick is now: no need to wait for the next
+        return True
+
+    def _none_sent(self, batch: WindowBatch, latest: Mapping[str, LiveTick]) -> bool:
+        """No tick of ``batch`` was sent already (snapshot, backfill, the per-tick path),
+        and no last_seq is ahead of the hub (a backfill read past the live tail): then
+        taking ``batch`` leaves the connection in step."""
+        first = batch.first
+        for product, seq in self.last_seq.items():
+            start = first.get(product)
+            if start is not None:
+                if seq >= start:
+                    return False
+            else:
+                current = latest.get(product)
+                if current is None or seq > current.seq:
+                    return False
+        return True
+
     def start_after(self, product: str, seq: int | None) -> None:
         """Live ticks of ``product`` start after ``seq`` (the snapshot's or backfill's last)."""
+        self.in_step = False
         if seq is not None:
             self.last_seq[product] = max(self.last_seq.get(product, -1), seq)
 
@@ -159,6 +217,9 @@ class ClientConnection:
 
     def request_close(self, code: int, reason: str) -> None:
         if self.close_code is None:
+            # the ticks of the open window come before the close, as queued ticks do
+            if self._catch_up is not None:
+                self._catch_up(self)
             self.close_code = code
             self.close_reason = reason
             self.wakeup.set()
@@ -175,6 +236,7 @@ class ClientConnection:
     def next_frames(self) -> list[tuple[Frame, str]]:
         """Frames ready to send now: the queue, then conflated ticks as tokens allow."""
         frames, self.queue = self.queue, []
+        self._window_extra = 0
         if self.conflated:
             for product in list(self.conflated):
                 if not self.bucket.take():

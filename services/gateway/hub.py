@@ -3,7 +3,8 @@
 Each tick arrives as the canonical JSON bytes stored by the normalizer; those bytes are
 what clients receive (encoded once, for everyone, and decoded to text once). The hub also
 keeps the latest tick per product for snapshots and the REST API, and runs the shared
-flush clock of ``?batch=true`` connections.
+flush clock of ``?batch=true`` connections, which get their ticks through the window lane
+(``window.py``) rather than one offer per tick.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from services.common.models import decode_tick
 from services.gateway import metrics
 from services.gateway.connection import ClientConnection
 from services.gateway.ticks import LiveTick
+from services.gateway.window import WindowLane
 
 log = get_logger(__name__)
 
@@ -30,7 +32,9 @@ class Hub:
         self.configured = set(configured_products)
         self.latest: dict[str, LiveTick] = {}
         self.last_update: dict[str, float] = {}
+        # plain connections; batch ones are in the window lane's groups
         self.subscribers: defaultdict[str, set[ClientConnection]] = defaultdict(set)
+        self.window = WindowLane()
         self.connections: set[ClientConnection] = set()
         # batch connections with output waiting for the next flush tick
         self.dirty: set[ClientConnection] = set()
@@ -61,13 +65,20 @@ class Hub:
             log.error("bad_tick_on_stream", subject=msg.subject, error=str(exc))
             return
         metrics.TICKS_IN.inc()
-        item = LiveTick(tick, msg.data)
-        if not self._remember(tick.product, item):
+        self.fan_out(LiveTick(tick, msg.data))
+
+    def fan_out(self, item: LiveTick) -> None:
+        """A tick newer than the latest of its product to its plain subscribers, and into
+        the open window for the batch ones."""
+        product = item.tick.product
+        if not self._remember(product, item):
             return
-        metrics.E2E_LATENCY.observe(max(0.0, (time.time_ns() - tick.recv_ns) / 1e9))
+        metrics.E2E_LATENCY.observe(max(0.0, (time.time_ns() - item.tick.recv_ns) / 1e9))
         now = time.monotonic()  # one clock reading for every subscriber's token bucket
-        for conn in self.subscribers.get(tick.product, ()):
-            conn.offer_tick(tick.product, item, 0, now)
+        for conn in self.subscribers.get(product, ()):
+            conn.offer_tick(product, item, 0, now)
+        if product in self.window.watched:
+            self.window.log.append((product, item))
 
     def subscribe(self, conn: ClientConnection, product: str) -> LiveTick | None:
         """Register ``conn`` for live ticks of ``product``; returns the latest tick now.
@@ -77,14 +88,20 @@ class Hub:
         """
         if product not in conn.products:
             conn.products.add(product)
-            self.subscribers[product].add(conn)
+            if conn.batch:
+                self.window.regroup(conn)
+            else:
+                self.subscribers[product].add(conn)
             metrics.SUBSCRIPTIONS.inc()
         return self.latest.get(product)
 
     def unsubscribe(self, conn: ClientConnection, product: str) -> None:
         if product in conn.products:
             conn.products.discard(product)
-            self.subscribers[product].discard(conn)
+            if conn.batch:
+                self.window.regroup(conn)
+            else:
+                self.subscribers[product].discard(conn)
             conn.forget(product)
             metrics.SUBSCRIPTIONS.dec()
 
@@ -105,16 +122,30 @@ class Hub:
     def mark_dirty(self, conn: ClientConnection) -> None:
         self.dirty.add(conn)
 
+    def catch_up(self, conn: ClientConnection) -> None:
+        """Offer ``conn`` the open window's ticks now (it closes before the next flush)."""
+        if conn.products:
+            now = time.monotonic()
+            for product, live in self.window.pending(conn.products):
+                conn.offer_tick(product, live, 0, now)
+
+    def flush(self) -> None:
+        """The window to the batch connections, then wake those with output waiting."""
+        if self.window.log:
+            self.window.flush(time.monotonic(), self.latest)
+        if self.dirty:
+            dirty, self.dirty = self.dirty, set()
+            for conn in dirty:
+                conn.scheduled = False
+                conn.wakeup.set()
+
     async def run_flusher(self, interval_s: float, stop: asyncio.Event) -> None:
-        """Wake the writers of batch connections that have output, every ``interval_s``.
+        """Every ``interval_s``, :meth:`flush`: the open window's ticks to the batch
+        connections, and their writers woken.
 
         One clock for all of them: a timer per connection per flush would cost a heap
         operation each, and aligned flushes wake many writers in one loop pass.
         """
         while not stop.is_set():
             await asyncio.sleep(interval_s)
-            if self.dirty:
-                dirty, self.dirty = self.dirty, set()
-                for conn in dirty:
-                    conn.scheduled = False
-                    conn.wakeup.set()
+            self.flush()

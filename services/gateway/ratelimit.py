@@ -34,6 +34,20 @@ class TokenBucket:
         self.tokens = tokens
         return False
 
+    def take_n(self, n: int, now: float | None = None) -> bool:
+        """``n`` tokens at once, or none (a batch window is sent whole or tick by tick)."""
+        if now is None:
+            now = time.monotonic()
+        tokens = self.tokens + (now - self._stamp) * self.rate
+        if tokens > self.burst:
+            tokens = self.burst
+        self._stamp = now
+        if tokens >= n:
+            self.tokens = tokens - n
+            return True
+        self.tokens = tokens
+        return False
+
     def seconds_until_token(self) -> float:
         now = time.monotonic()
         tokens = min(self.burst, self.tokens + (now - self._stamp) * self.rate)

@@ -44,6 +44,7 @@ from services.gateway.protocol import (
 from services.gateway.ratelimit import TokenBucket
 from services.gateway.settings import GatewaySettings
 from services.gateway.ticks import LiveTick
+from services.gateway.window import WindowBatch
 
 log = get_logger(__name__)
 _conn_ids = itertools.count(1)
@@ -69,7 +70,11 @@ class SessionContext:
 
 def new_connection(ctx: SessionContext, *, batch: bool) -> ClientConnection:
     return ClientConnection(
-        f"c{next(_conn_ids)}", ctx.settings, batch=batch, schedule=ctx.hub.mark_dirty
+        f"c{next(_conn_ids)}",
+        ctx.settings,
+        batch=batch,
+        schedule=ctx.hub.mark_dirty,
+        catch_up=ctx.hub.catch_up,
     )
 
 
@@ -319,7 +324,7 @@ async def _write(ws: WebSocket, conn: ClientConnection, raw: FrameWriterProtocol
         conn.wakeup.clear()
         frames = conn.next_frames()
         if frames:
-            metrics.BUFFER_DEPTH.observe(len(frames))
+            metrics.BUFFER_DEPTH.observe(_depth(frames) if conn.batch else len(frames))
             try:
                 if raw is not None and raw.can_write_now():
                     # the socket takes it without waiting: no deadline to arm (a timer per
@@ -358,10 +363,10 @@ async def _send(ws: WebSocket, frames: list[tuple[Frame, str]]) -> int:
     sent = 0
     for frame, _kind in frames:
         # a shared tick's text is decoded once for all its subscribers
-        if isinstance(frame, LiveTick):
-            text, size = frame.text, len(frame.data)
-        else:
+        if isinstance(frame, bytes):
             text, size = frame.decode(), len(frame)
+        else:
+            text, size = frame.text, len(frame.data)
         await ws.send({"type": "websocket.send", "text": text})
         sent += size
     return sent
@@ -374,42 +379,81 @@ def _send_raw_now(writer: FrameWriterProtocol, frames: list[tuple[Frame, str]], 
 
 
 def _raw_frames(frames: list[tuple[Frame, str]], batch: bool) -> tuple[list[bytes], int]:
-    """The flush as prebuilt frames for one socket write (a shared tick's frame is built
-    once for all its subscribers), and the payload bytes they carry."""
-    if batch:
-        body = _batch_body(frames)
-        return [text_frame(body)], len(body)
+    """The flush as prebuilt frames for one socket write (a shared tick's or window's frame
+    is built once for all its subscribers), and the payload bytes they carry."""
     out: list[bytes] = []
     sent = 0
+    if batch:
+        for payload in _batch_payloads(frames):
+            if isinstance(payload, WindowBatch):
+                out.append(payload.frame)
+                sent += len(payload.data)
+            else:
+                out.append(text_frame(payload))
+                sent += len(payload)
+        return out, sent
     for frame, _kind in frames:
-        if isinstance(frame, LiveTick):
-            out.append(frame.frame)
-            sent += len(frame.data)
-        else:
+        if isinstance(frame, bytes):
             out.append(text_frame(frame))
             sent += len(frame)
+        else:
+            out.append(frame.frame)
+            sent += len(frame.data)
     return out, sent
 
 
 async def _send_batch(ws: WebSocket, frames: list[tuple[Frame, str]]) -> int:
-    body = _batch_body(frames)
-    await ws.send({"type": "websocket.send", "text": body.decode()})
-    return len(body)
+    sent = 0
+    for payload in _batch_payloads(frames):
+        if isinstance(payload, WindowBatch):
+            text, size = payload.text, len(payload.data)
+        else:
+            text, size = payload.decode(), len(payload)
+        await ws.send({"type": "websocket.send", "text": text})
+        sent += size
+    return sent
 
 
-def _batch_body(frames: list[tuple[Frame, str]]) -> bytes:
+def _batch_payloads(frames: list[tuple[Frame, str]]) -> list[WindowBatch | bytes]:
+    """A batch flush as JSON arrays, in queue order: a window taken whole is sent as it was
+    built for its group; whatever was queued around windows is joined into arrays."""
+    out: list[WindowBatch | bytes] = []
+    run: list[LiveTick | bytes] = []
+    for frame, _kind in frames:
+        if isinstance(frame, WindowBatch):
+            if run:
+                out.append(_batch_body(run))
+                run = []
+            out.append(frame)
+            metrics.FLUSHED.batch_frames += 1
+            metrics.BATCH_MESSAGES.observe(frame.count)
+        else:
+            run.append(frame)
+    if run:
+        out.append(_batch_body(run))
+    return out
+
+
+def _batch_body(frames: list[LiveTick | bytes]) -> bytes:
     # encode once: the array is the stored tick bytes joined, never re-serialized
-    body = b"[%b]" % b",".join(f.data if isinstance(f, LiveTick) else f for f, _ in frames)
+    body = b"[%b]" % b",".join(f.data if isinstance(f, LiveTick) else f for f in frames)
     metrics.FLUSHED.batch_frames += 1
     metrics.BATCH_MESSAGES.observe(len(frames))
     return body
 
 
+def _depth(frames: list[tuple[Frame, str]]) -> int:
+    """Messages in a batch flush: a window counts its ticks."""
+    return sum(f.count if isinstance(f, WindowBatch) else 1 for f, _ in frames)
+
+
 def _count(frames: list[tuple[Frame, str]], sent_bytes: int) -> None:
     ticks = 0
-    for _, kind in frames:
+    for frame, kind in frames:
         if kind == "tick":
             ticks += 1
+        elif isinstance(frame, WindowBatch):
+            ticks += frame.count
         else:
             metrics.MESSAGES_OUT.labels(type=kind).inc()
     counts = metrics.FLUSHED

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import os
 import socket
 import time
@@ -145,17 +146,19 @@ async def _unread_client(url: str) -> websockets.ClientConnection:
     return await websockets.connect(url, sock=sock, max_queue=1, max_size=2**24)
 
 
+@pytest.mark.parametrize("query", ["", "?batch=true"], ids=["plain", "batch"])
 async def test_a_client_that_cannot_drain_is_closed_with_4008_while_others_keep_up(
-    gw: Stack,
+    gw: Stack, query: str
 ) -> None:
     """A subscriber that stops reading fills its socket and bounded buffer and is closed with
     4008 after WS_SLOW_CONSUMER_S; a fast subscriber of the same product gets every tick
-    (or its conflation accounted) and stays open."""
-    product = "SC1-USD"
+    (or its conflation accounted) and stays open. Plain and batch clients alike."""
+    product = "SC1-USD" if not query else "SC2-USD"
     await gw.feed.publish([(product, 1)])
-    slow = await _unread_client(gw.gateway.url)
-    await slow.send('{"op": "subscribe", "products": ["SC1-USD"], "snapshot": false}')
-    fast = await Client.connect(gw.gateway.url)
+    await gw.gateway.wait_latest(product, 1)
+    slow = await _unread_client(gw.gateway.url + query)
+    await slow.send(json.dumps({"op": "subscribe", "products": [product], "snapshot": False}))
+    fast = await Client.connect(gw.gateway.url + query)
     await fast.send({"op": "subscribe", "products": [product], "snapshot": False})
     await fast.expect("subscribed")
 
@@ -163,15 +166,15 @@ async def test_a_client_that_cannot_drain_is_closed_with_4008_while_others_keep_
         while True:
             await fast.drain(quiet_s=0.05, timeout=0.2)
 
+    slow_consumers = "ledgerflux_gateway_slow_consumers_total"
+    closed_before = await asyncio.to_thread(gw.gateway.metric, slow_consumers)
     reader = asyncio.create_task(read_fast())
     published = 0
     big = "1" * 4000 + ".5"  # 4 KB ticks: the kernel buffers absorb megabytes
     try:
         # spread out (small windows), so the fast path is used rather than conflation,
         # until the slow client's socket is full and its writer blocks
-        while not await asyncio.to_thread(
-            gw.gateway.metric, "ledgerflux_gateway_slow_consumers_total"
-        ):
+        while await asyncio.to_thread(gw.gateway.metric, slow_consumers) == closed_before:
             assert published < 20_000, "the slow client was never closed"
             seqs = range(2 + published, 2 + published + 100)
             await gw.feed.publish(((product, s) for s in seqs), window=5, volume_24h=big)
