@@ -13,7 +13,6 @@ import nats.errors
 from fastapi import FastAPI, WebSocket
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from nats.aio.client import Client as NATS
-from nats.js.client import JetStreamContext
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.routing import WebSocketRoute
 
@@ -26,7 +25,7 @@ from services.gateway.admission import Gatekeeper, presented_key
 from services.gateway.connection import CLOSE_GOING_AWAY, CLOSE_TRY_AGAIN
 from services.gateway.hub import Hub
 from services.gateway.limits import KeyLimiter, key_id
-from services.gateway.live import subscribe_live
+from services.gateway.live import LiveTail
 from services.gateway.session import SessionContext, new_connection, run_session
 from services.gateway.settings import GatewaySettings
 
@@ -43,7 +42,7 @@ class GatewayState:
             self.hub, settings, None, asyncio.Semaphore(settings.backfill_concurrency)
         )
         self.nc: NATS | None = None
-        self.sub: JetStreamContext.PushSubscription | None = None
+        self.live: LiveTail | None = None
         self.accepting = True
 
     async def start(self) -> None:
@@ -51,7 +50,8 @@ class GatewayState:
         js = self.ctx.js = self.nc.jetstream()
         await broker.ensure_streams(js, self.settings)
         # subscribe before warming: a tick landing in between is then not missed
-        self.sub = await subscribe_live(js, self.hub.on_tick, self.settings.live_heartbeat_s)
+        self.live = LiveTail(js, self.hub.on_stored_tick, self.settings.live_heartbeat_s)
+        await self.live.start()
         self.hub.warm(await load_last_ticks(js))
 
     def begin_shutdown(self) -> None:
@@ -66,6 +66,8 @@ class GatewayState:
             await asyncio.wait_for(self.hub.idle.wait(), timeout_s)
 
     async def stop(self) -> None:
+        if self.live is not None:
+            await self.live.stop()
         if self.nc is not None:
             await broker.close(self.nc, self.settings.drain_timeout_s)
 

@@ -14,7 +14,6 @@ import time
 from collections import defaultdict
 
 import msgspec
-from nats.aio.msg import Msg
 
 from services.common.laststate import StoredTick
 from services.common.logging import get_logger
@@ -57,15 +56,15 @@ class Hub:
         self.last_update[product] = time.time()
         return True
 
-    async def on_tick(self, msg: Msg) -> None:
-        """NATS callback for ``md.ticks.>``; synchronous fan-out, no await per client."""
+    def on_stored_tick(self, data: bytes, subject: bytes) -> None:
+        """The live tail's handler (in the NATS read loop): synchronous fan-out."""
         try:
-            tick = decode_tick(msg.data)
+            tick = decode_tick(data)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            log.error("bad_tick_on_stream", subject=msg.subject, error=str(exc))
+            log.error("bad_tick_on_stream", subject=subject.decode(), error=str(exc))
             return
         metrics.TICKS_IN.inc()
-        self.fan_out(LiveTick(tick, msg.data))
+        self.fan_out(LiveTick(tick, data))
 
     def fan_out(self, item: LiveTick) -> None:
         """A tick newer than the latest of its product to its plain subscribers, and into
