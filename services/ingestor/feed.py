@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import orjson
 import websockets
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter
 from structlog.contextvars import bound_contextvars
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
@@ -81,11 +81,10 @@ class FeedSession:
         self.tracker = tracker if tracker is not None else SequenceTracker()
         self.resyncer = resyncer
         self.clock_ns = clock_ns
-        self.last_seen: dict[str, float] = {}
+        self.last_seen = metrics.LAST_MESSAGE.last_seen
         self._reported_errors: set[str] = set()
         # metric children per label set: .labels() per frame was ~10 % of the ingestor's CPU
         self._received: dict[tuple[str, str], Counter] = {}
-        self._last_message: dict[str, Gauge] = {}
         # Without heartbeats a quiet product is silent by nature: nothing to watch then.
         self.staleness = (
             StalenessWatch(settings.coinbase_products, settings.watchdog_timeout_s)
@@ -169,14 +168,7 @@ class FeedSession:
                 product=product, type=frame_type
             )
         received.inc()
-        now = recv_ns / 1e9
-        self.last_seen[product] = now
-        last_message = self._last_message.get(product)
-        if last_message is None:
-            last_message = self._last_message[product] = metrics.LAST_MESSAGE.labels(
-                product=product
-            )
-        last_message.set(now)
+        self.last_seen[product] = recv_ns / 1e9  # exported at scrape (metrics.LAST_MESSAGE)
         if self.staleness is not None and self.staleness.seen(product, time.monotonic()):
             log.info("product_recovered", product=product)
             metrics.PRODUCTS_STALE.set(len(self.staleness.stale))

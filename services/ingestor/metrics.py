@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from services.common.metrics import LATENCY_BUCKETS
 
@@ -36,11 +38,30 @@ CONNECTED = Gauge("ledgerflux_ingestor_feed_connected", "1 while subscribed to t
 BUFFER_DEPTH = Gauge(
     "ledgerflux_ingestor_buffer_depth", "Frames received and not yet acked by MD_RAW"
 )
-LAST_MESSAGE = Gauge(
-    "ledgerflux_ingestor_last_message_timestamp_seconds",
-    "Wall-clock time of the last frame per product (staleness = time() - this)",
-    ["product"],
-)
+
+
+class _LastMessage(Collector):
+    """Wall-clock time of the last frame per product, read from the feed's own record at
+    scrape time: setting a labelled gauge per frame (a lock each) was ~4 % of the CPU."""
+
+    name = "ledgerflux_ingestor_last_message_timestamp_seconds"
+    doc = "Wall-clock time of the last frame per product (staleness = time() - this)"
+
+    def __init__(self) -> None:
+        self.last_seen: dict[str, float] = {}
+
+    def describe(self) -> list[Metric]:
+        return [GaugeMetricFamily(self.name, self.doc, labels=["product"])]
+
+    def collect(self) -> list[Metric]:
+        family = GaugeMetricFamily(self.name, self.doc, labels=["product"])
+        for product, seen in list(self.last_seen.items()):
+            family.add_metric([product], seen)
+        return [family]
+
+
+LAST_MESSAGE = _LastMessage()
+REGISTRY.register(LAST_MESSAGE)
 REGRESSIONS = Counter(
     "ledgerflux_ingestor_regressions_total",
     "Tickers whose sequence is not above the product's last one (published anyway; "
