@@ -16,7 +16,7 @@ from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from services.common.aio import wait_any
+from services.common.aio import Signal
 from services.common.broker import PendingPublish, Publisher
 from services.common.logging import get_logger
 from services.ingestor import metrics
@@ -44,7 +44,7 @@ class OutboundBuffer:
 
     maxlen: int
     _items: deque[Outgoing] = field(default_factory=deque)
-    _ready: asyncio.Event = field(default_factory=asyncio.Event)
+    _ready: Signal = field(default_factory=Signal)
     dropped_products: set[str] = field(default_factory=set)
     _last_drop_log: float = 0.0
     _drops_since_log: int = 0
@@ -86,11 +86,17 @@ class OutboundBuffer:
         if not self._items:
             self._ready.clear()
 
+    def wake(self) -> None:
+        """Make a pending :meth:`wait` return (``stop`` was set)."""
+        self._ready.set()
+
     async def wait(self, stop: asyncio.Event) -> None:
-        """Return when there is something to send, or ``stop`` is set."""
+        """Return when there is something to send, or ``stop`` is set (the caller arranges
+        :meth:`wake` on stop: two tasks per wait, as ``wait_any`` makes, cost more than a
+        low-rate frame's whole publish)."""
         if self._items or stop.is_set():
             return
-        await wait_any(stop, self._ready)
+        await self._ready.wait()
 
 
 async def publish_loop(
@@ -107,6 +113,24 @@ async def publish_loop(
     ``on_drops_recovered`` gets the products whose ticks the full buffer dropped, once a
     window is acked again (NATS is back): their state downstream needs a resync.
     """
+    stop_watch = asyncio.ensure_future(stop.wait())
+    stop_watch.add_done_callback(lambda _: buffer.wake())
+    try:
+        await _publish_until_stopped(
+            publisher, buffer, batch_max, stop, drain_timeout_s, on_drops_recovered
+        )
+    finally:
+        stop_watch.cancel()
+
+
+async def _publish_until_stopped(
+    publisher: Publisher,
+    buffer: OutboundBuffer,
+    batch_max: int,
+    stop: asyncio.Event,
+    drain_timeout_s: float,
+    on_drops_recovered: Callable[[set[str]], None] | None,
+) -> None:
     backoff = 0.1
     deadline: float | None = None
     while True:
