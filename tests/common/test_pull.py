@@ -105,3 +105,47 @@ async def test_without_the_check_all_ack_swallows_the_lost_deliveries(
     await asyncio.sleep(0.2)
     info = await js.consumer_info(STREAM, DURABLE)
     assert info.num_ack_pending == 0 and info.ack_floor.stream_seq == 10
+
+
+async def test_direct_pull_asks_again_after_its_consumer_is_recreated(
+    js: JetStreamContext,
+) -> None:
+    """Open pull requests die with their consumer (409 Consumer Deleted): the next fetch asks
+    the new consumer, without waiting for the old requests' expiry."""
+    pull = _pull(js, [])
+    await pull.bind()
+    first = await pull.fetch(10, 2)
+    assert [stream_seq_of(m) for m in first] == list(range(1, 11))
+    await first[-1].ack()
+    pull.acked(first[-1])
+    await js.delete_consumer(STREAM, DURABLE)
+    await pull.bind(resume_from=11)  # the same durable again, at the next sequence
+    for n in range(11, 16):
+        await js.publish(f"holes.{n % 3}", b"%d" % n)
+    got: list[int] = []
+    while len(got) < 5:
+        more = await pull.fetch(10, 2)
+        assert more, "no deliveries from the recreated consumer"
+        got += [stream_seq_of(m) for m in more]
+    assert got == [11, 12, 13, 14, 15]
+
+
+async def test_finish_hands_over_what_open_requests_deliver_then_stops(
+    js: JetStreamContext,
+) -> None:
+    """After finish() nothing new is requested; fetch returns what is owed, then [] at once."""
+    pull = _pull(js, [])
+    await pull.bind()
+    first = await pull.fetch(4, 2)  # requests for twice the batch: more is owed
+    pull.finish()
+    for n in range(11, 16):  # stored after finish(): requests still open may take them
+        await js.publish(f"holes.{n % 3}", b"%d" % n)
+    rest: list[Msg] = []
+    while not pull.finished:
+        rest += await pull.fetch(4, 2)
+    seqs = [stream_seq_of(m) for m in first + rest]
+    assert seqs == list(range(1, len(seqs) + 1))  # in order, none skipped
+    assert 8 <= len(seqs) < 15  # what was asked for (2 x 4, topped up once), not all
+    assert await pull.fetch(4, 0.5) == []
+    info = await js.consumer_info(STREAM, DURABLE)
+    assert info.num_pending == 15 - len(seqs)  # the rest waits for the next owner
