@@ -162,7 +162,7 @@ class ClientConnection:
             or self.handover
             or len(self.queue) + self._window_extra + count > self._queue_limit
             or not (self.in_step or self._none_sent(batch, latest))
-            or not self.bucket.take_n(count, now)
+            or not self.bucket.take(now, count)
         ):
             return False
         self.queue.append((batch, "window"))

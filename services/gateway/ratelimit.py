@@ -20,24 +20,11 @@ class TokenBucket:
         self.tokens = float(burst)
         self._stamp = time.monotonic()
 
-    def take(self, now: float | None = None) -> bool:
+    def take(self, now: float | None = None, n: float = 1.0) -> bool:
+        """``n`` tokens (a batch window is sent whole or tick by tick), or none."""
         if now is None:
             now = time.monotonic()
         # the hot path of the fan-out: plain arithmetic, no min() call
-        tokens = self.tokens + (now - self._stamp) * self.rate
-        if tokens > self.burst:
-            tokens = self.burst
-        self._stamp = now
-        if tokens >= 1.0:
-            self.tokens = tokens - 1.0
-            return True
-        self.tokens = tokens
-        return False
-
-    def take_n(self, n: int, now: float | None = None) -> bool:
-        """``n`` tokens at once, or none (a batch window is sent whole or tick by tick)."""
-        if now is None:
-            now = time.monotonic()
         tokens = self.tokens + (now - self._stamp) * self.rate
         if tokens > self.burst:
             tokens = self.burst

@@ -315,3 +315,29 @@ async def stack(root: Path, **env: str) -> AsyncIterator[Stack]:
             await feed.close()
         gateway.proc.kill()
         server.stop()
+
+
+def assert_backfill_then_live(
+    client: Client, products: list[str], published: dict[str, list[int]], since: int | None
+) -> None:
+    """What a client subscribed with a backfill got per product, backfill then live: every
+    tick from ``since`` on (or the last 300+ when ``since`` is None), no gap, no repeat."""
+    for product in products:
+        sent = published[product]
+        got = [t["seq"] for t in client.backfilled(product)]
+        got += [t["seq"] for t in client.ticks(product)]
+        assert all(not t.get("skipped") for t in client.ticks(product))
+        if since is not None:
+            assert got == [s for s in sent if s >= since], (product, since)
+        else:
+            assert len(got) >= 300
+            assert got == sent[-len(got) :], product
+
+
+async def produce_twice_the_limit(feed: Feed, products: list[str]) -> None:
+    """~600 ticks/s over three products for ~1.5 s: twice a 100/s + burst 40 limit."""
+    seq = 1
+    while seq < 300:
+        seq += 1
+        await feed.publish((p, seq) for p in products)
+        await asyncio.sleep(1 / 200)

@@ -13,7 +13,13 @@ from typing import Any
 import pytest
 
 from tests.gateway.conftest import StartGateway
-from tests.gateway.helpers import Client, Feed, Stack, stack
+from tests.gateway.helpers import (
+    Client,
+    Feed,
+    Stack,
+    assert_backfill_then_live,
+    stack,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -201,16 +207,7 @@ async def test_hand_over_to_live_has_no_gap_and_no_duplicate_under_a_concurrent_
     for since, client in clients:
         await until_done(client, products)
         await client.drain(quiet_s=0.5)
-        for product in products:
-            published = gw.feed.published[product]
-            got = [t["seq"] for t in client.backfilled(product)]
-            got += [t["seq"] for t in client.ticks(product)]
-            assert all(not t.get("skipped") for t in client.ticks(product))
-            if since is not None:
-                assert got == [s for s in published if s >= since], (product, since)
-            else:
-                assert len(got) >= 300
-                assert got == published[-len(got) :], product
+        assert_backfill_then_live(client, products, gw.feed.published, since)
         await client.close()
 
 

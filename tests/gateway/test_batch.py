@@ -14,7 +14,14 @@ from typing import Any
 import pytest
 
 from tests.gateway.conftest import StartGateway
-from tests.gateway.helpers import Client, Feed, Stack, stack
+from tests.gateway.helpers import (
+    Client,
+    Feed,
+    Stack,
+    assert_backfill_then_live,
+    produce_twice_the_limit,
+    stack,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -168,16 +175,7 @@ async def test_batch_hand_over_from_backfill_to_live_has_no_gap_and_no_duplicate
             lambda c: {m["product"] for m in c.of_type("backfill") if m["done"]} >= set(products)
         )
         await client.drain(quiet_s=0.5)
-        for product in products:
-            published = gw.feed.published[product]
-            got = [t["seq"] for t in client.backfilled(product)]
-            got += [t["seq"] for t in client.ticks(product)]
-            assert all(not t.get("skipped") for t in client.ticks(product))
-            if since is not None:
-                assert got == [s for s in published if s >= since], (product, since)
-            else:
-                assert len(got) >= 300
-                assert got == published[-len(got) :], product
+        assert_backfill_then_live(client, products, gw.feed.published, since)
         await client.close()
     await steady.drain(quiet_s=0.3)
     for product in products:
@@ -198,14 +196,7 @@ async def test_a_rate_limited_batch_client_gets_conflation_with_skipped(
     connected = time.monotonic()  # the buckets are created after this, full
     clients = [await subscribed(gateway.url + BATCH, products, snapshot=False) for _ in range(2)]
 
-    async def produce() -> None:
-        seq = 1
-        while seq < 300:  # ~600 ticks/s in all for ~1.5 s: 2x the limit
-            seq += 1
-            await feed.publish((p, seq) for p in products)
-            await asyncio.sleep(1 / 200)
-
-    producer = asyncio.create_task(produce())
+    producer = asyncio.create_task(produce_twice_the_limit(feed, products))
     while not producer.done():
         for client in clients:
             await client.drain(quiet_s=0.02, timeout=0.05)

@@ -16,7 +16,13 @@ import pytest
 import websockets
 
 from tests.gateway.conftest import StartGateway
-from tests.gateway.helpers import Client, Feed, Stack, stack
+from tests.gateway.helpers import (
+    Client,
+    Feed,
+    Stack,
+    produce_twice_the_limit,
+    stack,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -36,14 +42,7 @@ async def test_rate_limit_caps_ticks_and_conflation_accounts_for_every_tick(
     await client.send({"op": "subscribe", "products": products, "snapshot": False})
     await client.expect("subscribed")
 
-    async def produce() -> None:
-        seq = 1
-        while seq < 300:  # ~600 ticks/s in all for ~1.5 s: 2x the limit
-            seq += 1
-            await feed.publish((p, seq) for p in products)
-            await asyncio.sleep(1 / 200)
-
-    producer = asyncio.create_task(produce())
+    producer = asyncio.create_task(produce_twice_the_limit(feed, products))
     while not producer.done():
         await client.drain(quiet_s=0.05, timeout=0.1)
         elapsed = time.monotonic() - connected

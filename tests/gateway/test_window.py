@@ -68,18 +68,18 @@ def windows(conn: ClientConnection) -> list[WindowBatch]:
     return [frame for frame, _ in conn.queue if isinstance(frame, WindowBatch)]
 
 
-def test_take_n_takes_all_tokens_or_none() -> None:
-    """``take_n`` succeeds only when n tokens are there, and then takes exactly n; the refill
+def test_take_of_n_takes_all_tokens_or_none() -> None:
+    """``take(now, n)`` succeeds only when n tokens are there, and then takes exactly n; the refill
     is the same as ``take``'s, capped at the burst."""
     bucket = TokenBucket(rate=10, burst=5)
     start = bucket._stamp
-    assert bucket.take_n(3, start)
-    assert not bucket.take_n(3, start)  # 2 left: nothing taken
-    assert bucket.take_n(2, start)
+    assert bucket.take(start, 3)
+    assert not bucket.take(start, 3)  # 2 left: nothing taken
+    assert bucket.take(start, 2)
     assert not bucket.take(start)
-    assert bucket.take_n(5, start + 0.5)  # 5 refilled
-    assert not bucket.take_n(6, start + 3600)  # never more than the burst
-    assert bucket.take_n(5, start + 3600)
+    assert bucket.take(start + 0.5, 5)  # 5 refilled
+    assert not bucket.take(start + 3600, 6)  # never more than the burst
+    assert bucket.take(start + 3600, 5)
 
 
 def test_one_frame_per_product_set_shared_by_every_connection_of_the_group() -> None:
