@@ -927,7 +927,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=10_000,
         help="expected deliveries/s (published/s x clients) of the ramp's first step",
     )
-    parser.add_argument("--step", type=float, default=None, help="ramp factor (1.5; 3 quick)")
+    parser.add_argument("--step", type=float, default=None, help="ramp factor (1.5; 2 quick)")
     parser.add_argument("--max-load", type=float, default=2_000_000, help="where the ramp stops")
     parser.add_argument(
         "--retries",
@@ -954,7 +954,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.clients = args.clients or ([100] if args.quick else [100, 1000])
     args.seconds = args.seconds or (1.0 if args.quick else 5.0)
     args.warmup = 0.5 if args.quick else 1.5
-    args.step = args.step or (3.0 if args.quick else 1.5)
+    args.step = args.step or (2.0 if args.quick else 1.5)
     args.idle = args.idle if args.idle is not None else (2_000 if args.quick else 10_000)
     args.keepalive_wait = not args.quick
     args.settle_s = 1.0 if args.quick else 2.0  # RSS must hold still this long

@@ -103,7 +103,10 @@ async def run_session(ws: WebSocket, conn: ClientConnection, ctx: SessionContext
         try:
             async with asyncio.TaskGroup() as tg:
                 # the writer ends the session: it flushes, then closes with conn.close_code
-                tg.create_task(_write(ws, conn, _frame_writer(ws)))
+                raw = _frame_writer(ws)
+                if raw is not None and not conn.batch:
+                    conn.inline = raw  # an idle connection's ticks are written at once
+                tg.create_task(_write(ws, conn, raw))
                 await _read(ws, conn, ctx)
         except* _Closed:
             pass
@@ -333,8 +336,12 @@ async def _write(ws: WebSocket, conn: ClientConnection, raw: FrameWriterProtocol
                 else:
                     # one deadline per flush, not per frame: a client that cannot take a
                     # flush in time is a slow consumer
-                    async with asyncio.timeout(slow_s):
-                        sent = await _send_waiting(ws, raw, frames, conn.batch)
+                    conn.sending = True  # no inline write may overtake these frames
+                    try:
+                        async with asyncio.timeout(slow_s):
+                            sent = await _send_waiting(ws, raw, frames, conn.batch)
+                    finally:
+                        conn.sending = False
             except TimeoutError:
                 metrics.SLOW_CONSUMERS.inc()
                 log.warning("slow_consumer", queued=len(conn.queue), timeout_s=slow_s)
