@@ -145,6 +145,20 @@ def _fanout_goals(r: dict[str, Any] | None) -> list[Goal]:
         achieved = _num(value, ".2f", "x")
         met = None if value is None else value >= bound
         goals.append(Goal(label, target, achieved, "delivered ticks/s, same load", achieved, met))
+    for run in _dig(r, "runs") or []:
+        goal = run.get("goal")
+        if not goal:
+            continue
+        p99 = _dig(goal, "latency", "p99_ms")
+        delivered = goal.get("delivered_per_s")
+        mode = "?batch=true" if run["server"] == "ours_batch" else "plain"
+        goals.append(Goal(
+            f"Gateway e2e p99 at 2k ticks/s, {run['clients']} clients ({mode})", "< 10 ms",
+            _num(p99, ".1f", " ms"),
+            f"p50 {_num(_dig(goal, 'latency', 'p50_ms'), '.1f', ' ms')}, "
+            f"{_num(delivered)} of {_num(goal.get('offered_per_s'))} delivered/s",
+            "—", None if p99 is None else p99 < 10 and bool(goal.get("kept_up")),
+        ))  # fmt: skip
     idle = _dig(r, "idle", "ours_kib_per_connection")
     broadcast_idle = _dig(r, "idle", "broadcast_kib_per_connection")
     held = _dig(r, "idle", "connections")
