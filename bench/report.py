@@ -145,7 +145,7 @@ def _fanout_goals(r: dict[str, Any] | None) -> list[Goal]:
         achieved = _num(value, ".2f", "x")
         met = None if value is None else value >= bound
         goals.append(Goal(label, target, achieved, "delivered ticks/s, same load", achieved, met))
-    for run in _dig(r, "runs") or []:
+    for run in _dig(r, "fanout") or []:
         goal = run.get("goal")
         if not goal:
             continue

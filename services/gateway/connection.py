@@ -24,7 +24,6 @@ from services.common.aio import Signal
 from services.common.logging import get_logger
 from services.common.models import encode_tick
 from services.gateway import metrics
-from services.gateway.frames import ConnectionGone, FrameWriterProtocol
 from services.gateway.ratelimit import TokenBucket
 from services.gateway.settings import GatewaySettings
 from services.gateway.ticks import LiveTick
@@ -79,6 +78,7 @@ class ClientConnection:
         batch: bool = False,
         schedule: Callable[[ClientConnection], None] | None = None,
         catch_up: Callable[[ClientConnection], None] | None = None,
+        schedule_inline: Callable[[ClientConnection], None] = lambda _conn: None,
     ) -> None:
         self.conn_id = conn_id
         self.settings = settings
@@ -102,9 +102,12 @@ class ClientConnection:
         # batch connections are woken by the hub's flush clock, others at once
         self._schedule = schedule if batch and schedule is not None else None
         self.scheduled = False  # on the hub's list for the next flush tick
-        # plain connections: the socket's frame writer for inline writes (see offer_tick),
-        # and whether the writer task is waiting in a send (nothing may overtake it then)
-        self.inline: FrameWriterProtocol | None = None
+        # plain connections with a raw frame writer: the session's inline flush (see
+        # offer_tick), whether one is due, and whether the writer task is waiting in a send
+        # (nothing may overtake it then)
+        self.inline_flush: Callable[[], None] | None = None
+        self.inline_due = False
+        self._schedule_inline = schedule_inline
         self.sending = False
         # hands over what the hub's open window holds for this connection (batch only)
         self._catch_up = catch_up if batch else None
@@ -147,16 +150,14 @@ class ClientConnection:
             and len(self.queue) + self._window_extra < self._queue_limit
             and self.bucket.take(now)
         ):
-            if (
-                self.inline is not None
-                and not self.queue
-                and not self.sending
-                and self.close_code is None
-                and self.inline.can_write_now()
-                and self._write_inline(live)
-            ):
-                return
             self.queue.append((live, "tick"))
+            if self.inline_flush is not None:
+                # written by the hub right after the NATS read that brought it (with any
+                # other tick of that read), without waking the writer task
+                if not self.inline_due:
+                    self.inline_due = True
+                    self._schedule_inline(self)
+                return
         else:
             self.conflated[product] = _Conflated(live, skipped)
         if self._schedule is None:
@@ -164,22 +165,6 @@ class ClientConnection:
         elif not self.scheduled:  # once per flush window, not once per tick
             self.scheduled = True
             self._schedule(self)
-
-    def _write_inline(self, live: LiveTick) -> bool:
-        """Write ``live``'s frame now: the writer is idle with nothing queued and the socket
-        takes it without waiting, so waking the writer task for it would only add a task
-        switch per tick per client (most of the cost of a light-load delivery)."""
-        assert self.inline is not None
-        try:
-            self.inline.write_now([live.frame])
-        except ConnectionGone:
-            self.inline = None  # the writer finds out and ends the session
-            return False
-        counts = metrics.FLUSHED
-        counts.ticks += 1
-        counts.bytes += len(live.data)
-        counts.inline += 1
-        return True
 
     def take_window(self, batch: WindowBatch, now: float, latest: Mapping[str, LiveTick]) -> bool:
         """Queue ``batch``'s prebuilt frame when :meth:`offer_tick` would have queued each of

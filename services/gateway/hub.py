@@ -37,6 +37,8 @@ class Hub:
         self.connections: set[ClientConnection] = set()
         # batch connections with output waiting for the next flush tick
         self.dirty: set[ClientConnection] = set()
+        # plain connections with ticks to write once the current NATS read is handled
+        self._inline: list[ClientConnection] = []
         self.idle = asyncio.Event()  # set while no connection is open
         self.idle.set()
 
@@ -118,6 +120,23 @@ class Hub:
             self.idle.set()
         metrics.CONNECTIONS.set(len(self.connections))
 
+    def schedule_inline(self, conn: ClientConnection) -> None:
+        """Write ``conn``'s queued ticks once the running callback (the NATS read loop's
+        dispatch of one socket read) is done: every tick of that read in one write, and no
+        writer task woken per tick per client."""
+        if not self._inline:
+            asyncio.get_running_loop().call_soon(self._flush_inline)
+        self._inline.append(conn)
+
+    def _flush_inline(self) -> None:
+        due, self._inline = self._inline, []
+        for conn in due:
+            if conn.inline_flush is not None:
+                conn.inline_flush()
+            else:
+                conn.inline_due = False
+                conn.wakeup.set()
+
     def mark_dirty(self, conn: ClientConnection) -> None:
         self.dirty.add(conn)
 
@@ -143,8 +162,14 @@ class Hub:
         connections, and their writers woken.
 
         One clock for all of them: a timer per connection per flush would cost a heap
-        operation each, and aligned flushes wake many writers in one loop pass.
+        operation each, and aligned flushes wake many writers in one loop pass. A fixed
+        cadence, not a sleep after each flush: the flush's own time would otherwise add
+        to every window (a tick's wait in the window is most of batch mode's latency).
         """
+        loop = asyncio.get_running_loop()
+        next_at = loop.time() + interval_s
         while not stop.is_set():
-            await asyncio.sleep(interval_s)
+            await asyncio.sleep(max(0.0, next_at - loop.time()))
             self.flush()
+            # after a stall, start again from now rather than flushing in a burst
+            next_at = max(next_at + interval_s, loop.time())

@@ -102,8 +102,8 @@ LIVE_RESUMES = Counter(
 
 INLINE_WRITES = Counter(
     "ledgerflux_gateway_inline_writes_total",
-    "Ticks written at once to an idle plain connection's socket, without its writer "
-    "(not sampled in the buffer depth: nothing waited)",
+    "Messages written to a plain connection's socket right after the NATS read that "
+    "brought them, without waking its writer (not sampled in the buffer depth)",
 )
 
 

@@ -7,6 +7,7 @@ import contextlib
 import itertools
 import time
 from dataclasses import dataclass
+from functools import partial
 
 from nats.js import JetStreamContext
 from starlette.websockets import WebSocket, WebSocketDisconnect
@@ -75,6 +76,7 @@ def new_connection(ctx: SessionContext, *, batch: bool) -> ClientConnection:
         batch=batch,
         schedule=ctx.hub.mark_dirty,
         catch_up=ctx.hub.catch_up,
+        schedule_inline=ctx.hub.schedule_inline,
     )
 
 
@@ -105,7 +107,7 @@ async def run_session(ws: WebSocket, conn: ClientConnection, ctx: SessionContext
                 # the writer ends the session: it flushes, then closes with conn.close_code
                 raw = _frame_writer(ws)
                 if raw is not None and not conn.batch:
-                    conn.inline = raw  # an idle connection's ticks are written at once
+                    conn.inline_flush = partial(_flush_inline, conn, raw)
                 tg.create_task(_write(ws, conn, raw))
                 await _read(ws, conn, ctx)
         except* _Closed:
@@ -354,6 +356,30 @@ async def _write(ws: WebSocket, conn: ClientConnection, raw: FrameWriterProtocol
         if conn.close_code is not None:
             await _close(ws, conn)
             raise _Closed
+
+
+def _flush_inline(conn: ClientConnection, raw: FrameWriterProtocol) -> None:
+    """The hub's write of ``conn``'s queue right after a NATS read (see ``Hub.schedule_inline``)
+    while the writer task is idle and the socket takes it without waiting; else the writer
+    is woken to do it (it owns waiting, slow-consumer detection and the close)."""
+    conn.inline_due = False
+    if conn.sending or conn.close_code is not None or not raw.can_write_now():
+        conn.wakeup.set()
+        return
+    frames = conn.next_frames()
+    if not frames:
+        return
+    out, sent = _raw_frames(frames, batch=False)
+    try:
+        raw.write_now(out)
+    except ConnectionGone:
+        conn.wakeup.set()  # the writer finds the socket gone and ends the session
+        return
+    _count(frames, sent)
+    metrics.FLUSHED.inline += len(frames)
+    conn.drained.set()
+    if conn.conflated:
+        conn.wakeup.set()  # the writer releases them as tokens return
 
 
 async def _send_waiting(

@@ -40,7 +40,7 @@ class GatewaySettings(CommonSettings):
         default=False, description="Offer permessage-deflate (zlib per client per frame)"
     )
     ws_batch_flush_ms: float = Field(
-        default=5.0, gt=0, le=1000, description="?batch=true: coalescing window"
+        default=3.0, gt=0, le=1000, description="?batch=true: coalescing window"
     )
 
     # who may connect
