@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import asyncio
 
+from services.common import metrics
+from services.common.logging import get_logger
+
+log = get_logger(__name__)
+_STALL_LOG_S = 0.05
+
 
 async def wait_any(*events: asyncio.Event) -> None:
     """Return as soon as one of ``events`` is set."""
@@ -55,3 +61,19 @@ class Signal:
         finally:
             if self._waiter is waiter:
                 self._waiter = None
+
+
+async def watch_loop_lag(stop: asyncio.Event, period_s: float = 0.05) -> None:
+    """Observe how late a timer fires every ``period_s`` until ``stop``: the event loop's
+    stalls (a long callback, a GC pass) that every task on it waits out."""
+    loop = asyncio.get_running_loop()
+    logged_at = 0.0
+    while not stop.is_set():
+        due = loop.time() + period_s
+        await asyncio.sleep(period_s)
+        now = loop.time()
+        lag = max(0.0, now - due)
+        metrics.LOOP_LAG.observe(lag)
+        if lag >= _STALL_LOG_S and now - logged_at >= 1.0:  # at most one line a second
+            log.warning("event_loop_stall", ms=round(lag * 1000, 1))
+            logged_at = now

@@ -41,6 +41,11 @@ PUBLISH_SECONDS = Histogram(
     ["stream"],
     buckets=LATENCY_BUCKETS,
 )
+LOOP_LAG = Histogram(
+    "ledgerflux_event_loop_lag_seconds",
+    "How late a 50 ms timer fired: time the event loop spent in one callback (a stall)",
+    buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0),
+)
 PUBLISH_IN_FLIGHT = Gauge("ledgerflux_publish_in_flight", "Publishes awaiting their ack")
 CONSUMER_PENDING = Gauge(
     "ledgerflux_consumer_pending",

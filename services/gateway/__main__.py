@@ -14,6 +14,7 @@ from collections.abc import Generator
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from services.common.aio import watch_loop_lag
 from services.common.lifecycle import run_service
 from services.gateway.app import GatewayState, create_app
 from services.gateway.frames import FrameWriterProtocol
@@ -99,6 +100,7 @@ async def main(settings: GatewaySettings, stop: asyncio.Event) -> None:
         # still flush through the batch clock during shutdown
         tg.create_task(state.hub.run_flusher(settings.ws_batch_flush_ms / 1000, served))
         tg.create_task(state.limiter.run(served))
+        tg.create_task(watch_loop_lag(served))
         tg.create_task(_drop_unfinished_handshakes(server, settings.ws_handshake_timeout_s, served))
         try:
             await server.serve()
