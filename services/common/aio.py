@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import time
 
 from services.common import metrics
 from services.common.logging import get_logger
@@ -77,3 +79,30 @@ async def watch_loop_lag(stop: asyncio.Event, period_s: float = 0.05) -> None:
         if lag >= _STALL_LOG_S and now - logged_at >= 1.0:  # at most one line a second
             log.warning("event_loop_stall", ms=round(lag * 1000, 1))
             logged_at = now
+
+
+def watch_gc_pauses() -> None:
+    """Time every cyclic GC pass (``ledgerflux_gc_pause_seconds``); a pass long enough to
+    stall the loop is logged with what it collected."""
+    started = [0.0]
+    children = {
+        generation: metrics.GC_PAUSE.labels(generation=str(generation)) for generation in range(3)
+    }
+
+    def on_gc(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+            return
+        pause = time.perf_counter() - started[0]
+        generation = info["generation"]
+        children[generation].observe(pause)
+        if pause >= _STALL_LOG_S:
+            log.warning(
+                "gc_pause",
+                ms=round(pause * 1000, 1),
+                generation=generation,
+                collected=info["collected"],
+                frozen=gc.get_freeze_count(),
+            )
+
+    gc.callbacks.append(on_gc)

@@ -46,6 +46,12 @@ LOOP_LAG = Histogram(
     "How late a 50 ms timer fired: time the event loop spent in one callback (a stall)",
     buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0),
 )
+GC_PAUSE = Histogram(
+    "ledgerflux_gc_pause_seconds",
+    "CPython cyclic GC passes: the event loop stands still for each",
+    ["generation"],
+    buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0),
+)
 PUBLISH_IN_FLIGHT = Gauge("ledgerflux_publish_in_flight", "Publishes awaiting their ack")
 CONSUMER_PENDING = Gauge(
     "ledgerflux_consumer_pending",

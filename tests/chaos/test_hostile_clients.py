@@ -643,9 +643,10 @@ async def full_report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any
 
 
 LATENCY_BUG = (
-    "BUG: under the attack mix the good clients' p99 is 3-10x the quiet windows'. The "
-    "gateway's one event loop stalls: CPython's cyclic GC (gen-2 passes over 60k-130k "
-    "objects take 45-220 ms here, and connection churn makes them frequent), work done in "
+    "BUG: under the attack mix the good clients' p99 is 3-10x the quiet windows' (~5x on a "
+    "quiet machine). The gateway's one event loop stalls: CPython's cyclic GC (measured "
+    "with ledgerflux_gc_pause_seconds: 17 gen-2 passes of 55-92 ms in 100 s of attack, each "
+    "collecting 9-24k objects of churned connections' reference cycles), work done in "
     "bursts without yielding (a client's 200 queued commands, a 150-connection pile-up) and "
     "megabytes of backfill read on the NATS connection that also carries the live ticks. "
     "gc.freeze() after start-up with a gen-0 threshold of 10,000 brings single attackers to "
