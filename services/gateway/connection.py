@@ -98,6 +98,7 @@ class ClientConnection:
         self.wakeup = Signal()
         self.drained = Signal()
         self.close_code: int | None = None
+        self.gone = False  # the socket is closed or failed (see peer_gone)
         self.close_reason = ""
         # batch connections are woken by the hub's flush clock, others at once
         self._schedule = schedule if batch and schedule is not None else None
@@ -230,6 +231,12 @@ class ClientConnection:
         self.last_seq.pop(product, None)
         self.handover.pop(product, None)
 
+    def peer_gone(self) -> None:
+        """The socket is closed or failed: the writer stops without sending anything."""
+        self.gone = True
+        self.wakeup.set()
+        self.drained.set()
+
     def request_close(self, code: int, reason: str) -> None:
         if self.close_code is None:
             # the ticks of the open window come before the close, as queued ticks do
@@ -242,7 +249,7 @@ class ClientConnection:
 
     async def wait_drained(self, max_queued: int) -> None:
         """Until at most ``max_queued`` frames wait (backpressure for bulk responses)."""
-        while len(self.queue) > max_queued and self.close_code is None:
+        while len(self.queue) > max_queued and self.close_code is None and not self.gone:
             self.drained.clear()
             await self.drained.wait()
 

@@ -643,17 +643,15 @@ async def full_report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any
 
 
 LATENCY_BUG = (
-    "BUG: under the attack mix the good clients' p99 is 3-10x the quiet windows' (~5x on a "
-    "quiet machine). The gateway's one event loop stalls: CPython's cyclic GC (measured "
-    "with ledgerflux_gc_pause_seconds: 17 gen-2 passes of 55-92 ms in 100 s of attack, each "
-    "collecting 9-24k objects of churned connections' reference cycles: 130-400 per "
-    "connection, mostly the tracebacks, frames and cells of the _Closed/ExceptionGroup "
-    "that ends every session through its TaskGroup), work done in "
-    "bursts without yielding (a client's 200 queued commands, a 150-connection pile-up) and "
-    "megabytes of backfill read on the NATS connection that also carries the live ticks. "
-    "gc.freeze() after start-up with a gen-0 threshold of 10,000 brings single attackers to "
-    "~2x, not the mix (see the chaos report). Not strict: a latency bound on a shared "
-    "2-core machine can pass by luck."
+    "BUG: under the attack mix the good clients' p99 is ~4x the quiet windows' on a quiet "
+    "machine (full scenario: ~9 ms quiet, ~40 ms under attack, gateway at ~72 % of a core). "
+    "Fixed so far: the cyclic-GC stalls (17 gen-2 passes of 55-92 ms per 100 s of attack "
+    "are now none: sessions end without exceptions and a closed connection leaves no "
+    "reference cycles, see ledgerflux_gc_pause_seconds). Left: work done in bursts without "
+    "yielding (a client's 200 queued commands, a 150-connection pile-up) and backfill "
+    "reads on the NATS connection that also carries the live ticks; "
+    "ledgerflux_event_loop_lag_seconds shows the stalls. Not strict: a latency bound on a "
+    "shared 2-core machine can pass by luck."
 )
 
 
