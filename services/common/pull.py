@@ -55,9 +55,11 @@ class DirectPull:
 
     Pull requests are kept topped up to twice the batch in messages of credit, so deliveries
     continue while the caller handles a batch (the consumer's ``max_ack_pending`` still
-    bounds what is in flight). The server fills requests in order and ends an expired one
-    with a 408; a request lost with a server (reconnect, leader change) is forgotten at its
-    own expiry, so a stall lasts one ``expires`` at most.
+    bounds what is in flight). What is owed is counted in total, not per request: the
+    server need not fill requests in the order they were sent, but it ends every expired
+    one with a 408 saying how many messages it still owed. Requests lost with a server
+    (reconnect, leader change) are forgotten once the last could have expired, so a stall
+    lasts one ``expires`` at most.
     """
 
     def __init__(self, nc: NATS, stream: str, durable: str, *, expires_s: float = 1.0) -> None:
@@ -68,8 +70,8 @@ class DirectPull:
         self._expires_s = expires_s
         self._ready: deque[Msg] = deque()
         self._arrived = Signal()
-        # [messages still owed, local deadline] per live request, oldest first
-        self._requests: deque[list[float]] = deque()
+        self._owed = 0  # messages the live requests may still deliver
+        self._requests_end = 0.0  # when the last request sent has surely expired
         self._retry_at = 0.0
         self._finishing = False
         self._sub: Subscription | None = None
@@ -94,17 +96,13 @@ class DirectPull:
                     parse_headers(headers) if headers is not None else None,
                 )
             )
-            requests = self._requests
-            if requests:
-                head = requests[0]
-                head[0] -= 1
-                if head[0] <= 0:
-                    requests.popleft()
-        elif status == b"408" or status == b"404":
-            if self._requests:
-                self._requests.popleft()  # the oldest request expired
+            self._owed -= 1
+        elif status == b"408":  # a request expired owing Nats-Pending-Messages
+            assert headers is not None
+            pending = parse_headers(headers).get("Nats-Pending-Messages", "")
+            self._owed -= int(pending) if pending.isdigit() else self._owed
         elif status != b"100":  # 409 leader change / consumer deleted, 503 no responders
-            self._requests.clear()
+            self._owed = 0
             self._retry_at = time.monotonic() + _STATUS_RETRY_S
             assert headers is not None
             log.info(
@@ -122,33 +120,31 @@ class DirectPull:
 
     @property
     def finished(self) -> bool:
-        return self._finishing and not self._ready and not self._live_requests()
+        return self._finishing and not self._ready and self._still_owed() <= 0
 
-    def _live_requests(self) -> int:
-        now = time.monotonic()
-        requests = self._requests
-        while requests and requests[0][1] < now:
-            requests.popleft()  # lost with a server: the server forgot it too
-        return len(requests)
+    def _still_owed(self) -> int:
+        if self._owed > 0 and time.monotonic() > self._requests_end:
+            self._owed = 0  # lost with a server: the server forgot them too
+        return self._owed
 
     async def _top_up(self, batch: int) -> None:
         if self._finishing:
             return
-        self._live_requests()
+        owed = max(self._still_owed(), 0)
         now = time.monotonic()
         if now < self._retry_at:
             return
-        requests = self._requests
-        owed = sum(int(request[0]) for request in requests)
         want = 2 * batch - owed - len(self._ready)
         if want < max(1, batch // 2):
             return
         request = _PullRequest(want, int(self._expires_s * 1e9))
-        requests.append([want, now + self._expires_s + 0.5])
+        self._owed = owed + want  # before the await: deliveries may be counted meanwhile
+        ends_before, self._requests_end = self._requests_end, now + self._expires_s + 0.5
         try:
             await self.nc.publish(self._next, _encode_request(request), reply=self._inbox)
         except nats.errors.Error:
-            requests.pop()
+            self._owed -= want
+            self._requests_end = ends_before
             raise
 
     def _wake_in(self, now: float, deadline: float) -> float:
@@ -156,8 +152,8 @@ class DirectPull:
         wake = deadline
         if self._retry_at > now:
             wake = min(wake, self._retry_at)
-        if self._requests:
-            wake = min(wake, self._requests[0][1])
+        if self._owed > 0:
+            wake = min(wake, self._requests_end)
         return max(wake - now, 0.001)
 
     async def fetch(self, batch: int, timeout_s: float) -> list[Msg]:
