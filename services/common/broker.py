@@ -4,7 +4,8 @@
 - :func:`ensure_streams` — create or update MD_RAW, MD_TICKS, MD_DLQ idempotently.
 - :class:`Publisher` — bounded in-flight async publishes with ``Nats-Msg-Id``; never one
   awaited round trip per message.
-- :func:`durable_pull` / :func:`fetch_batch` — durable pull consumers with explicit acks.
+- :func:`ensure_durable` / :func:`fetch_batch` — durable pull consumers with explicit acks
+  (the services consume through :class:`services.common.pull.TrackedPull`).
 """
 
 from __future__ import annotations
@@ -198,32 +199,6 @@ def stream_seq_of(msg: Msg) -> int:
 
 def consumer_seq_of(msg: Msg) -> int:
     return ack_sequences(msg)[1]
-
-
-async def durable_pull(
-    js: JetStreamContext,
-    *,
-    stream: str,
-    durable: str,
-    filter_subjects: list[str],
-    max_ack_pending: int = 20_000,
-    ack_wait_s: float = 30.0,
-    ack_policy: AckPolicy = AckPolicy.EXPLICIT,
-    resume_from: int | None = None,
-) -> JetStreamContext.PullSubscription:
-    """:func:`ensure_durable`, then nats-py's pull subscription on it (for tools and tests;
-    the services' hot loops use :class:`services.common.pull.TrackedPull`)."""
-    await ensure_durable(
-        js,
-        stream=stream,
-        durable=durable,
-        filter_subjects=filter_subjects,
-        max_ack_pending=max_ack_pending,
-        ack_wait_s=ack_wait_s,
-        ack_policy=ack_policy,
-        resume_from=resume_from,
-    )
-    return await js.pull_subscribe_bind(durable=durable, stream=stream)
 
 
 async def ensure_durable(

@@ -116,7 +116,7 @@ class ClientConnection:
     def _notify(self) -> None:
         if self._schedule is None:
             self.wakeup.set()
-        elif not self.scheduled:
+        elif not self.scheduled:  # once per flush window, not once per tick
             self.scheduled = True
             self._schedule(self)
 
@@ -161,11 +161,7 @@ class ClientConnection:
                 return
         else:
             self.conflated[product] = _Conflated(live, skipped)
-        if self._schedule is None:
-            self.wakeup.set()
-        elif not self.scheduled:  # once per flush window, not once per tick
-            self.scheduled = True
-            self._schedule(self)
+        self._notify()
 
     def take_window(self, batch: WindowBatch, now: float, latest: Mapping[str, LiveTick]) -> bool:
         """Queue ``batch``'s prebuilt frame when :meth:`offer_tick` would have queued each of

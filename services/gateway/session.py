@@ -327,7 +327,7 @@ def _frame_writer(ws: WebSocket) -> FrameWriterProtocol | None:
 
 async def _write(ws: WebSocket, conn: ClientConnection, raw: FrameWriterProtocol | None) -> None:
     slow_s = conn.settings.ws_slow_consumer_s
-    while not conn.gone:
+    while True:
         if not conn.wakeup.is_set():
             timeout = conn.seconds_until_more()
             if timeout is None:
@@ -382,9 +382,8 @@ def _flush_inline(conn: ClientConnection, raw: FrameWriterProtocol) -> None:
     frames = conn.next_frames()
     if not frames:
         return
-    out, sent = _raw_frames(frames, batch=False)
     try:
-        raw.write_now(out)
+        sent = _send_raw_now(raw, frames, batch=False)
     except ConnectionGone:
         conn.wakeup.set()  # the writer finds the socket gone and ends the session
         return

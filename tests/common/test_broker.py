@@ -71,9 +71,10 @@ async def test_publisher_pipelines_a_window(nats_server: NatsServer, nc: NATS) -
     ]
     acks = await publisher.wait(pending)
     assert [ack.seq for ack in acks] == list(range(1, 2001))
-    sub = await broker.durable_pull(
+    await broker.ensure_durable(
         publisher.js, stream=RAW_STREAM, durable="check", filter_subjects=["md.raw.>"]
     )
+    sub = await publisher.js.pull_subscribe_bind(durable="check", stream=RAW_STREAM)
     msgs = await broker.fetch_batch(sub, 2000, 2.0)
     assert [int(m.data) for m in msgs] == list(range(len(msgs)))
     # the ack-subject shortcut agrees with nats-py's full metadata parse
