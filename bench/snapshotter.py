@@ -34,7 +34,7 @@ from services.snapshotter.settings import SnapshotterSettings
 from services.snapshotter.snapshots import SnapshotWriter, ensure_bucket
 from services.snapshotter.state import DurableState
 from services.snapshotter.tools import ddb_client_kwargs, s3_client_kwargs
-from tests.support.procs import REPO, ServiceProcess
+from tests.support.procs import REPO, ServiceProcess, cpu_seconds
 from tests.support.streams import wait_consumer_idle
 
 RESULTS = REPO / "bench" / "results"
@@ -119,9 +119,15 @@ async def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         try:
             await proc.wait_for_event("snapshotter_started", timeout=60)
             print("  snapshotter draining the stream", flush=True)
+            # CPU seconds per process over the drain: less noisy than ticks/s on a VM whose
+            # speed varies, and it shows who shares the two cores
+            pids = {"snapshotter": proc.pid}
+            pids |= {s.name: s.pid for s in stack.servers if s.pid is not None}
+            cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
             started = time.perf_counter()
             await wait_consumer_idle(publisher.js, TICKS_STREAM, "snapshotter", timeout=900)
             ours_s = time.perf_counter() - started
+            cpu = {name: cpu_seconds(pid) - cpu_before[name] for name, pid in pids.items()}
             url = f"http://127.0.0.1:{metrics_port}/metrics"
             writes = _metric(url, "ledgerflux_snapshotter_ddb_writes_total")
             await proc.wait_for_event("snapshot_written", timeout=30)
@@ -130,6 +136,7 @@ async def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         finally:
             await proc.terminate()
         results["ticks_per_s"] = args.ticks / ours_s
+        results["cpu_us_per_tick"] = {k: round(v / args.ticks * 1e6, 2) for k, v in cpu.items()}
         results["ddb_writes"] = writes
         results["ddb_writes_per_s"] = writes / ours_s
         results["coalescing_ratio"] = args.ticks / writes if writes else None

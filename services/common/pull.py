@@ -12,7 +12,8 @@ So a fetch stops at a hole: the caller handles and acks what came before it, the
 
 Deliveries come through :class:`DirectPull`: pull requests kept topped up so the server
 pushes the next batch while this one is handled (no request round trip per batch), the
-messages parsed in the read loop (:mod:`services.common.wire`) into a plain buffer.
+messages parsed in the read loop (:mod:`services.common.wire`) into a plain buffer of
+:class:`Delivery` objects.
 """
 
 from __future__ import annotations
@@ -26,13 +27,12 @@ from typing import Any
 import msgspec
 import nats.errors
 from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 
 from services.common import metrics
 from services.common.aio import Signal
-from services.common.broker import consumer_seq_of, ensure_durable, stream_seq_of
+from services.common.broker import ack_subject_sequences, ensure_durable
 from services.common.logging import get_logger
 from services.common.wire import parse_headers, status_of, subscribe_direct, unsubscribe_direct
 
@@ -48,6 +48,26 @@ class _PullRequest(msgspec.Struct):
 
 
 _encode_request = msgspec.json.Encoder().encode
+
+
+class Delivery:
+    """One message a pull delivered, with its stream and consumer sequences read from the
+    ack subject once. Leaner than nats-py's ``Msg`` (a nine-field dataclass and a parsed
+    header dict per message, ~15 % of the snapshotter's CPU): headers stay raw until read."""
+
+    __slots__ = ("_raw_headers", "consumer_seq", "data", "reply", "stream_seq", "subject")
+
+    def __init__(self, subject: str, reply: str, data: bytes, raw_headers: bytes | None) -> None:
+        self.subject = subject
+        self.reply = reply
+        self.data = data
+        self._raw_headers = raw_headers
+        self.stream_seq, self.consumer_seq = ack_subject_sequences(reply)
+
+    @property
+    def headers(self) -> dict[str, str] | None:
+        raw = self._raw_headers
+        return parse_headers(raw) if raw is not None else None
 
 
 class DirectPull:
@@ -68,7 +88,7 @@ class DirectPull:
         self._next = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}"
         self._inbox = nc.new_inbox()
         self._expires_s = expires_s
-        self._ready: deque[Msg] = deque()
+        self._ready: deque[Delivery] = deque()
         self._arrived = Signal()
         self._owed = 0  # messages the live requests may still deliver
         self._requests_end = 0.0  # when the last request sent has surely expired
@@ -87,15 +107,7 @@ class DirectPull:
     def _on_message(self, subject: bytes, reply: bytes, data: bytes, headers: bytes | None) -> None:
         status = status_of(headers)
         if status is None:
-            self._ready.append(
-                Msg(
-                    self.nc,
-                    subject.decode(),
-                    reply.decode(),
-                    data,
-                    parse_headers(headers) if headers is not None else None,
-                )
-            )
+            self._ready.append(Delivery(subject.decode(), reply.decode(), data, headers))
             self._owed -= 1
         elif status == b"408":  # a request expired owing Nats-Pending-Messages
             assert headers is not None
@@ -156,7 +168,7 @@ class DirectPull:
             wake = min(wake, self._requests_end)
         return max(wake - now, 0.001)
 
-    async def fetch(self, batch: int, timeout_s: float) -> list[Msg]:
+    async def fetch(self, batch: int, timeout_s: float) -> list[Delivery]:
         """Up to ``batch`` messages as soon as there are any, else ``[]`` after ``timeout_s``."""
         deadline = time.monotonic() + timeout_s
         ready = self._ready
@@ -189,11 +201,11 @@ class DeliveryTracker:
     def __init__(self, next_dseq: int) -> None:
         self.next_dseq = next_dseq
 
-    def first_gap(self, msgs: list[Msg]) -> int | None:
+    def first_gap(self, msgs: list[Delivery]) -> int | None:
         """Index of the first message after a hole (``None``: no hole); the expectation
         advances over the messages before it."""
         for index, msg in enumerate(msgs):
-            dseq = consumer_seq_of(msg)
+            dseq = msg.consumer_seq
             if dseq > self.next_dseq:
                 return index
             # a lower one is a re-send by a new leader that had not seen it go out
@@ -239,7 +251,7 @@ class TrackedPull:
         self.tracker = DeliveryTracker((delivered or 0) + 1)
         self.hole = False
 
-    async def fetch(self, batch: int, timeout_s: float) -> list[Msg]:
+    async def fetch(self, batch: int, timeout_s: float) -> list[Delivery]:
         """Up to ``batch`` messages, ending before a hole if there is one (``hole`` is then
         set: ack what was returned, then :meth:`rewind`)."""
         assert self.sub is not None, "bind() first"
@@ -254,8 +266,8 @@ class TrackedPull:
             stream=self.stream,
             consumer=self.durable,
             expected_delivery=self.tracker.next_dseq,
-            got_delivery=consumer_seq_of(msgs[gap]),
-            got_stream_seq=stream_seq_of(msgs[gap]),
+            got_delivery=msgs[gap].consumer_seq,
+            got_stream_seq=msgs[gap].stream_seq,
         )
         return msgs[:gap]
 
@@ -269,10 +281,11 @@ class TrackedPull:
         """After :meth:`finish`: every delivery requested has been returned."""
         return self.sub is None or self.sub.finished
 
-    def acked(self, msg: Msg) -> int:
-        """Record ``msg`` (and, AckPolicy.ALL, all before it) as acked; its stream seq."""
-        self.acked_through = seq = stream_seq_of(msg)
-        return seq
+    async def ack(self, msg: Delivery) -> int:
+        """Ack ``msg`` and, AckPolicy.ALL, every delivery before it; its stream seq."""
+        await self.js._nc.publish(msg.reply)
+        self.acked_through = msg.stream_seq
+        return msg.stream_seq
 
     async def rewind(self, stop: asyncio.Event) -> bool:
         """Recreate the durable at the first message not acked; ``False`` if stopped."""

@@ -10,11 +10,9 @@ from __future__ import annotations
 import asyncio
 import time
 
-from nats.aio.msg import Msg
-
 from services.common.broker import Publisher
 from services.common.logging import get_logger
-from services.common.pull import TrackedPull
+from services.common.pull import Delivery, TrackedPull
 from services.normalizer import metrics
 from services.normalizer.process import BatchResult, RawIn, process_batch
 from services.normalizer.settings import NormalizerSettings
@@ -42,18 +40,17 @@ class Normalizer:
                 pull.finish()
             msgs = await pull.fetch(self.settings.fetch_batch, self.settings.fetch_timeout_s)
             if msgs:
-                if not await self.handle(msgs, stop):
+                if not await self.handle(msgs, pull, stop):
                     return
-                pull.acked(msgs[-1])
             elif pull.finished:
                 return
             if pull.hole and (stop.is_set() or not await pull.rewind(stop)):
                 return
 
-    async def handle(self, msgs: list[Msg], stop: asyncio.Event) -> bool:
+    async def handle(self, msgs: list[Delivery], pull: TrackedPull, stop: asyncio.Event) -> bool:
         """Normalize, publish and ack one batch; ``False`` if stopped before it was durable."""
         started = time.perf_counter()
-        frames = [RawIn(m.subject, m.data, m.headers, None, m.reply) for m in msgs]
+        frames = [RawIn(m.subject, m.data, m.headers, m.stream_seq) for m in msgs]
         result = process_batch(
             frames,
             self.last_seq,
@@ -65,7 +62,7 @@ class Normalizer:
         if not await self._publish_until_acked(result, stop):
             return False
         self.last_seq.update(result.staged)
-        await msgs[-1].ack()  # AckPolicy.ALL: acks the whole batch
+        await pull.ack(msgs[-1])  # AckPolicy.ALL: acks the whole batch
         self._record(result, len(msgs), cpu_s, time.perf_counter() - started)
         return True
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from services.common.broker import ack_subject_sequences
 from services.common.models import encode_tick
 from services.common.subjects import (
     DLQ_STREAM,
@@ -48,8 +47,7 @@ class RawIn:
     subject: str
     data: bytes
     headers: dict[str, str] | None
-    stream_seq: int | None  # None: read from ``reply`` when needed (dead letters only)
-    reply: str = ""
+    stream_seq: int
 
 
 @dataclass(slots=True)
@@ -153,19 +151,13 @@ def _recv_ns(headers: dict[str, str], now_ns: int) -> int:
     return now_ns
 
 
-def _stream_seq(frame: RawIn) -> int:
-    if frame.stream_seq is not None:
-        return frame.stream_seq
-    return ack_subject_sequences(frame.reply)[0]
-
-
 def _dead_letter(frame: RawIn, exc: RejectedFrameError) -> Output:
     return Output(
         stream=DLQ_STREAM,
         subject=dlq_subject(exc.reason),
         payload=frame.data,
         # the raw stream sequence makes a retried dead letter idempotent too
-        msg_id=f"dlq:raw:{_stream_seq(frame)}",
+        msg_id=f"dlq:raw:{frame.stream_seq}",
         headers={
             HDR_DLQ_REASON: exc.reason,
             HDR_DLQ_ERROR: str(exc)[:512],

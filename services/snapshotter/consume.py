@@ -17,13 +17,11 @@ import time
 from dataclasses import dataclass, field
 
 import msgspec
-from nats.aio.msg import Msg
 
 from services.common.aio import wait_any
-from services.common.broker import stream_seq_of
 from services.common.logging import get_logger
 from services.common.models import decode_tick
-from services.common.pull import TrackedPull
+from services.common.pull import Delivery, TrackedPull
 from services.common.subjects import product_of_tick
 from services.snapshotter import metrics
 from services.snapshotter.ddb import LatestTick, LatestWriter
@@ -45,11 +43,11 @@ class Pass:
     """Ticks fetched since the last flush: the newest message per product, and the last
     message of the pass (acking it acks the pass: AckPolicy.ALL)."""
 
-    newest: dict[str, tuple[int, Msg]] = field(default_factory=dict)
+    newest: dict[str, tuple[int, Delivery]] = field(default_factory=dict)
     count: int = 0
-    last: Msg | None = None
+    last: Delivery | None = None
 
-    def add(self, msgs: list[Msg]) -> None:
+    def add(self, msgs: list[Delivery]) -> None:
         newest = self.newest
         for msg in msgs:
             product = product_of_tick(msg.subject)
@@ -87,7 +85,7 @@ class Pass:
                     tick_json=msg.data.decode(),
                     price=tick.price,
                     time=tick.time,
-                    stream_seq=stream_seq_of(msg),
+                    stream_seq=msg.stream_seq,
                 )
             )
         return out
@@ -179,8 +177,8 @@ async def consume(
             ms=round((time.perf_counter() - started) * 1000, 1),
         )
         assert work.last is not None
-        await work.last.ack()  # AckPolicy.ALL: covers every message of the pass (no hole)
-        covered = pull.acked(work.last)
+        # AckPolicy.ALL: covers every message of the pass (no hole)
+        covered = await pull.ack(work.last)
         if written:
             metrics.COALESCE_RATIO.set(work.count / len(written))
         state.apply(written, covered)

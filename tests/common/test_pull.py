@@ -10,12 +10,10 @@ from collections.abc import AsyncIterator
 import nats
 import pytest
 from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, StreamConfig
 
-from services.common.broker import stream_seq_of
-from services.common.pull import DirectPull, TrackedPull
+from services.common.pull import Delivery, DirectPull, TrackedPull
 from services.devstack.servers import NatsServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
@@ -54,9 +52,8 @@ async def _consume_all(pull: TrackedPull, stop: asyncio.Event, want: int) -> lis
     while len(handled) < want:
         msgs = await pull.fetch(4, 0.5)
         if msgs:
-            handled += [stream_seq_of(m) for m in msgs]
-            await msgs[-1].ack()
-            pull.acked(msgs[-1])
+            handled += [m.stream_seq for m in msgs]
+            await pull.ack(msgs[-1])
         if pull.hole:
             assert await pull.rewind(stop)
     return handled
@@ -69,9 +66,8 @@ async def test_deliveries_lost_in_transit_are_consumed_after_a_rewind(
     pull = _pull(js, subs)
     await pull.bind()
     first = await pull.fetch(2, 2)
-    assert [stream_seq_of(m) for m in first] == [1, 2] and not pull.hole
-    await first[-1].ack()
-    pull.acked(first[-1])
+    assert [m.stream_seq for m in first] == [1, 2] and not pull.hole
+    await pull.ack(first[-1])
     await _lose_deliveries(js, 3)  # stream seqs 3, 4, 5 go nowhere
     handled = await _consume_all(pull, asyncio.Event(), 8)
     assert handled == list(range(3, 11))  # nothing acked unseen, in order, once
@@ -95,13 +91,13 @@ async def test_without_the_check_all_ack_swallows_the_lost_deliveries(
     await pull.bind()
     await _lose_deliveries(js, 5)
     assert pull.sub is not None
-    msgs: list[Msg] = []
+    msgs: list[Delivery] = []
     while len(msgs) < 5:
         more = await pull.sub.fetch(5 - len(msgs), 2)
         assert more, "the deliveries after the lost ones never came"
         msgs += more
-    assert [stream_seq_of(m) for m in msgs] == [6, 7, 8, 9, 10]
-    await msgs[-1].ack()
+    assert [m.stream_seq for m in msgs] == [6, 7, 8, 9, 10]
+    await pull.ack(msgs[-1])
     await asyncio.sleep(0.2)
     info = await js.consumer_info(STREAM, DURABLE)
     assert info.num_ack_pending == 0 and info.ack_floor.stream_seq == 10
@@ -115,9 +111,8 @@ async def test_direct_pull_asks_again_after_its_consumer_is_recreated(
     pull = _pull(js, [])
     await pull.bind()
     first = await pull.fetch(10, 2)
-    assert [stream_seq_of(m) for m in first] == list(range(1, 11))
-    await first[-1].ack()
-    pull.acked(first[-1])
+    assert [m.stream_seq for m in first] == list(range(1, 11))
+    await pull.ack(first[-1])
     await js.delete_consumer(STREAM, DURABLE)
     await pull.bind(resume_from=11)  # the same durable again, at the next sequence
     for n in range(11, 16):
@@ -126,7 +121,7 @@ async def test_direct_pull_asks_again_after_its_consumer_is_recreated(
     while len(got) < 5:
         more = await pull.fetch(10, 2)
         assert more, "no deliveries from the recreated consumer"
-        got += [stream_seq_of(m) for m in more]
+        got += [m.stream_seq for m in more]
     assert got == [11, 12, 13, 14, 15]
 
 
@@ -140,10 +135,10 @@ async def test_finish_hands_over_what_open_requests_deliver_then_stops(
     pull.finish()
     for n in range(11, 16):  # stored after finish(): requests still open may take them
         await js.publish(f"holes.{n % 3}", b"%d" % n)
-    rest: list[Msg] = []
+    rest: list[Delivery] = []
     while not pull.finished:
         rest += await pull.fetch(4, 2)
-    seqs = [stream_seq_of(m) for m in first + rest]
+    seqs = [m.stream_seq for m in first + rest]
     assert seqs == list(range(1, len(seqs) + 1))  # in order, none skipped
     assert 8 <= len(seqs) < 15  # what was asked for (2 x 4, topped up once), not all
     assert await pull.fetch(4, 0.5) == []
