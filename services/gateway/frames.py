@@ -102,12 +102,14 @@ class FrameWriterProtocol(WebSocketsSansIOProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
-        # Two reference cycles per connection would be left to the cyclic GC, whose gen-2
+        # Reference cycles per connection would be left to the cyclic GC, whose gen-2
         # passes (55-90 ms here) stall every client under connection churn: websockets'
-        # parser generator holds its protocol, and the transport and this protocol hold
-        # each other (and the scope holds this protocol). Nothing is parsed or written after
-        # the connection is lost.
+        # parser generator holds its protocol, and so does the traceback of the parser's
+        # error when it closed the connection (1009 frame too big, 1002 protocol error);
+        # the transport and this protocol hold each other (and the scope holds this
+        # protocol). Nothing is parsed or written after the connection is lost.
         self.conn.parser = None  # type: ignore[assignment]
+        self.conn.parser_exc = None
         self.transport = _LOST  # type: ignore[assignment]
         self.scope.get("extensions", {}).pop(FRAME_WRITER, None)  # the scope holds us too
 
