@@ -110,6 +110,17 @@ class Gateway:
                     return float(sample.value)
         return 0.0
 
+    def histogram(self, name: str) -> dict[float, float]:
+        """A histogram of ``/metrics`` as cumulative counts by upper bound (``le``)."""
+        with urllib.request.urlopen(f"{self.http}/metrics", timeout=5) as response:
+            text = response.read().decode()
+        return {
+            float(sample.labels["le"]): float(sample.value)
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == f"{name}_bucket"
+        }
+
     async def wait_metric(
         self, name: str, at_least: float, timeout: float = 10.0, **labels: str
     ) -> float:
