@@ -92,6 +92,12 @@ def _mutated(**changes: object) -> bytes:
         (_mutated(price="1,285.22"), "bad_decimal"),
         (_mutated(price="-1"), "bad_decimal"),
         (_mutated(price="1e3"), "bad_decimal"),
+        (_mutated(price="1,285.22", last_size=None), "bad_decimal"),  # not all ten present
+        (_mutated(last_size=""), "bad_decimal"),
+        (_mutated(volume_24h="1."), "bad_decimal"),
+        (_mutated(best_ask_size=".5"), "bad_decimal"),
+        (_mutated(high_24h="1313.8.1"), "bad_decimal"),
+        (_mutated(low_24h="None"), "bad_decimal"),
         (_mutated(price="0.000"), "bad_value"),
         (_mutated(best_bid="1300", best_ask="1200"), "bad_value"),
         (_mutated(side="hold"), "bad_value"),
