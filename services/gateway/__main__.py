@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import sys
 import time
 import weakref
@@ -19,6 +18,7 @@ from services.common.lifecycle import run_service
 from services.gateway.app import GatewayState, create_app
 from services.gateway.frames import FrameWriterProtocol
 from services.gateway.settings import GatewaySettings
+from services.gateway.uvicorn_logs import UvicornLogFilter
 
 
 class _Server(uvicorn.Server):
@@ -48,25 +48,8 @@ async def _drop_unfinished_handshakes(
             await asyncio.wait_for(stop.wait(), min(1.0, timeout_s / 2))
 
 
-class _UvicornLogFilter(logging.Filter):
-    """uvicorn logs each WebSocket's path with its query string, ``?token=<API key>``
-    included: redact it. Its per-connection open/close lines are dropped; ours carry the
-    same with ``conn_id`` (``client_connected``/``client_disconnected``)."""
-
-    _token = re.compile(r"(token=)[^&\s\"]*")
-    _chatter = frozenset({"connection open", "connection closed"})
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        if message in self._chatter or message.endswith("[accepted]"):
-            return False
-        if "token=" in message:
-            record.msg, record.args = self._token.sub(r"\1[redacted]", message), None
-        return True
-
-
 async def main(settings: GatewaySettings, stop: asyncio.Event) -> None:
-    logging.getLogger("uvicorn.error").addFilter(_UvicornLogFilter())
+    logging.getLogger("uvicorn.error").addFilter(UvicornLogFilter())
     app = create_app(settings)
     state: GatewayState = app.state.gateway
     config = uvicorn.Config(

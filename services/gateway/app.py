@@ -28,6 +28,7 @@ from services.gateway.limits import KeyLimiter, key_id
 from services.gateway.live import LiveTail
 from services.gateway.session import SessionContext, new_connection, run_session
 from services.gateway.settings import GatewaySettings
+from services.gateway.uvicorn_logs import mark_handshake_denied
 
 log = get_logger(__name__)
 
@@ -148,6 +149,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         if not state.gatekeeper.origin_allowed(origin):
             metrics.ORIGIN_REJECTED.inc()
             log.info("origin_rejected", origin=(origin or "")[:200], client=str(ws.client))
+            mark_handshake_denied()
             await ws.send_denial_response(_forbidden("origin not allowed"))
             return
         key = presented_key(ws.query_params, ws.headers)
@@ -155,6 +157,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             reason = "missing" if key is None else "invalid"
             metrics.AUTH_FAILURES.labels(reason=reason).inc()
             log.info("auth_failed", reason=reason, client=str(ws.client))
+            mark_handshake_denied()
             await ws.send_denial_response(_forbidden(f"{reason} API key"))
             return
         if not state.accepting or len(state.hub.connections) >= settings.ws_max_connections:

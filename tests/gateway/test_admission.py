@@ -131,3 +131,28 @@ async def test_api_keys_never_reach_the_logs(gw: Stack) -> None:
     assert "auth_failed" in log
     for secret in (*KEYS, "presented-secret-123"):
         assert secret not in log
+
+
+async def test_denied_handshakes_and_invalid_utf8_log_no_errors(gw: Stack) -> None:
+    """A denied key or origin is one ``auth_failed``/``origin_rejected`` line, not uvicorn's
+    "connection rejected" plus an ERROR "ASGI callable returned without completing
+    handshake." per attempt; a client's invalid UTF-8 is a WARNING without a traceback
+    (closed 1007), not an ERROR."""
+    log_path = gw.gateway.proc.log_path
+    start = len(log_path.read_bytes())
+    for _ in range(3):
+        await _refused(gw.gateway.url + "?token=wrong-key-1")
+        await _refused(gw.gateway.url + f"?token={KEYS[0]}", origin="https://evil.example")
+    client = await Client.connect(gw.gateway.url + f"?token={KEYS[1]}")
+    await client.expect("welcome")
+    # bytes sent as a text frame: websockets sends them as they are (RFC 6455 §8.1: 1007)
+    await client.ws.send(b'{"op": "ping", "id": "\xff\xfe\xc3\x28"}', text=True)
+    assert await client.close_code() == 1007
+    await asyncio.sleep(0.3)
+    lines = [json.loads(line) for line in log_path.read_bytes()[start:].splitlines()]
+    events = [line["event"] for line in lines]
+    assert events.count("auth_failed") == 3 and events.count("origin_rejected") == 3, events
+    assert not [line for line in lines if line["level"] in ("error", "critical")], lines
+    (utf8,) = [line for line in lines if line["event"].startswith("Invalid UTF-8")]
+    assert utf8["level"] == "warning" and "exc_info" not in utf8, utf8
+    assert not [e for e in events if e.startswith("connection rejected")], events
