@@ -176,11 +176,6 @@ async def ensure_streams(js: JetStreamContext, settings: CommonSettings) -> None
             log.info("stream_updated", stream=config.name)
 
 
-def ack_sequences(msg: Msg) -> tuple[int, int]:
-    """(stream sequence, consumer sequence) of a JetStream message (see below)."""
-    return ack_subject_sequences(msg.reply)
-
-
 def ack_subject_sequences(reply: str) -> tuple[int, int]:
     """(stream sequence, consumer sequence) read from an ack subject (``$JS.ACK.<stream>.
     <consumer>.<delivered>.<stream seq>.<consumer seq>.<ns>.<pending>``) without building
@@ -191,14 +186,6 @@ def ack_subject_sequences(reply: str) -> tuple[int, int]:
     # the longer v2 form (domains, account hash): nats-py's own parser
     sequence = Msg(_client=None, reply=reply).metadata.sequence  # type: ignore[arg-type]
     return int(sequence.stream), int(sequence.consumer)
-
-
-def stream_seq_of(msg: Msg) -> int:
-    return ack_sequences(msg)[0]
-
-
-def consumer_seq_of(msg: Msg) -> int:
-    return ack_sequences(msg)[1]
 
 
 async def ensure_durable(

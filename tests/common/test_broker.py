@@ -78,8 +78,10 @@ async def test_publisher_pipelines_a_window(nats_server: NatsServer, nc: NATS) -
     msgs = await broker.fetch_batch(sub, 2000, 2.0)
     assert [int(m.data) for m in msgs] == list(range(len(msgs)))
     # the ack-subject shortcut agrees with nats-py's full metadata parse
-    assert [broker.stream_seq_of(m) for m in msgs] == [m.metadata.sequence.stream for m in msgs]
-    assert broker.stream_seq_of(msgs[-1]) == len(msgs)
+    shortcut = [broker.ack_subject_sequences(m.reply) for m in msgs]
+    assert [stream for stream, _ in shortcut] == [m.metadata.sequence.stream for m in msgs]
+    assert [consumer for _, consumer in shortcut] == [m.metadata.sequence.consumer for m in msgs]
+    assert shortcut[-1][0] == len(msgs)
 
 
 async def test_publish_to_a_missing_stream_fails_loudly(nats_server: NatsServer, nc: NATS) -> None:
