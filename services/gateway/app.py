@@ -149,16 +149,14 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         if not state.gatekeeper.origin_allowed(origin):
             metrics.ORIGIN_REJECTED.inc()
             log.info("origin_rejected", origin=(origin or "")[:200], client=str(ws.client))
-            mark_handshake_denied()
-            await ws.send_denial_response(_forbidden("origin not allowed"))
+            await _deny(ws, "origin not allowed")
             return
         key = presented_key(ws.query_params, ws.headers)
         if not state.gatekeeper.key_valid(key):
             reason = "missing" if key is None else "invalid"
             metrics.AUTH_FAILURES.labels(reason=reason).inc()
             log.info("auth_failed", reason=reason, client=str(ws.client))
-            mark_handshake_denied()
-            await ws.send_denial_response(_forbidden(f"{reason} API key"))
+            await _deny(ws, f"{reason} API key")
             return
         if not state.accepting or len(state.hub.connections) >= settings.ws_max_connections:
             await _refuse(ws, "server busy or shutting down")
@@ -181,9 +179,12 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     return app
 
 
-def _forbidden(message: str) -> JSONResponse:
+async def _deny(ws: WebSocket, message: str) -> None:
+    """Refuse the handshake with 403 and an ``unauthorized`` error body (the caller has
+    logged why; uvicorn's own lines about it are dropped)."""
+    mark_handshake_denied()
     body = {"type": "error", "code": "unauthorized", "message": message, "id": None}
-    return JSONResponse(body, status_code=403)
+    await ws.send_denial_response(JSONResponse(body, status_code=403))
 
 
 async def _refuse(ws: WebSocket, reason: str) -> None:
