@@ -52,18 +52,16 @@ async def test_a_blocking_callback_shows_as_loop_lag() -> None:
     from services.common import metrics
     from services.common.aio import watch_loop_lag
 
-    def slow_samples() -> float:
+    def bucket(le: str) -> float:
         return sum(
             s.value
             for m in metrics.LOOP_LAG.collect()
             for s in m.samples
-            if s.name.endswith("_bucket") and s.labels["le"] == "+Inf"
-        ) - sum(
-            s.value
-            for m in metrics.LOOP_LAG.collect()
-            for s in m.samples
-            if s.name.endswith("_bucket") and s.labels["le"] == "0.1"
+            if s.name.endswith("_bucket") and s.labels["le"] == le
         )
+
+    def slow_samples() -> float:
+        return bucket("+Inf") - bucket("0.1")
 
     before = slow_samples()
     stop = asyncio.Event()

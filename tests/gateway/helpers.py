@@ -20,6 +20,7 @@ import nats
 import websockets
 from nats.aio.client import Client as NATS
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
@@ -98,26 +99,23 @@ class Gateway:
     def http(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def metric(self, name: str, **labels: str) -> float:
-        """A sample of ``/metrics`` (0 when absent)."""
+    def _samples(self) -> list[Sample]:
         with urllib.request.urlopen(f"{self.http}/metrics", timeout=5) as response:
             text = response.read().decode()
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if sample.name == name and all(
-                    sample.labels.get(k) == v for k, v in labels.items()
-                ):
-                    return float(sample.value)
+        return [s for family in text_string_to_metric_families(text) for s in family.samples]
+
+    def metric(self, name: str, **labels: str) -> float:
+        """A sample of ``/metrics`` (0 when absent)."""
+        for sample in self._samples():
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
         return 0.0
 
     def histogram(self, name: str) -> dict[float, float]:
         """A histogram of ``/metrics`` as cumulative counts by upper bound (``le``)."""
-        with urllib.request.urlopen(f"{self.http}/metrics", timeout=5) as response:
-            text = response.read().decode()
         return {
             float(sample.labels["le"]): float(sample.value)
-            for family in text_string_to_metric_families(text)
-            for sample in family.samples
+            for sample in self._samples()
             if sample.name == f"{name}_bucket"
         }
 

@@ -102,7 +102,9 @@ async def test_ended_sessions_leave_no_cyclic_garbage(churn_stack: Stack) -> Non
     )
 
 
-async def test_a_client_that_vanishes_mid_handshake_is_also_freed(churn_stack: Stack) -> None:
+async def test_a_client_that_vanishes_right_after_the_upgrade_is_also_freed(
+    churn_stack: Stack,
+) -> None:
     """The websockets client library's own view: a socket closed right after the upgrade."""
     s = churn_stack
     before = await asyncio.to_thread(_collected, s)
