@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import os
+import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
 
+from services.common.logging import get_logger
 from services.devstack import probes
 from services.devstack.install import ensure_dynamodb_local, find_binary
 from services.devstack.ports import GRPC_PORT_OFFSET, free_port, free_port_pair
-from services.devstack.process import Server
+from services.devstack.process import DEFAULT_STOP_TIMEOUT_S, Server
 
 __all__ = [
     "DEFAULT_ACCESS_KEY",
@@ -27,6 +30,13 @@ DEFAULT_ACCESS_KEY = "ledgerflux"
 DEFAULT_SECRET_KEY = "ledgerflux-secret"
 # Unix socket paths longer than this fail to bind (sun_path is 108 bytes).
 _MAX_SOCKET_PATH = 100
+# weed mini prints each component as it stops: S3 first, then admin, filer, volume server.
+_MINI_START = "Starting SeaweedFS Mini"
+_S3_STOPPED_RE = re.compile(r"^\s*S3\s+stopped\b", re.MULTILINE)
+# After S3, the other components normally stop within ~2 s.
+_REST_OF_MINI_STOP_S = 4.0
+
+log = get_logger(__name__)
 
 
 class NatsServer(Server):
@@ -312,6 +322,38 @@ class SeaweedS3(Server):
     def cmdline_markers(self) -> list[str]:
         return ["weed", "mini", f"-s3.port={self.port}"]
 
+    def wait_stopped(self, timeout: float = DEFAULT_STOP_TIMEOUT_S) -> int | None:
+        """As :meth:`Server.wait_stopped`, but once S3 has stopped, the rest of weed gets
+        a few seconds and is then killed instead of waiting out ``timeout``.
+
+        weed mini (4.48) stops S3, then the admin server, the filer and the volume server
+        (~2 s in all). Once it has run for about a minute it often hangs in one of the later
+        steps: goroutine dumps (SIGQUIT) show the admin's stop, or the volume server's
+        shutdown hook sleeping in a loop while its HTTP and gRPC still serve. With S3 down
+        no write can arrive, and the filer's store and the volume files are crash-safe, so a
+        kill loses nothing; waiting out ``timeout`` only delayed every stop by 10 s.
+        """
+        proc = self._proc
+        if proc is None or proc.returncode is not None:
+            return super().wait_stopped(timeout)
+        deadline = time.monotonic() + timeout
+        s3_stopped_at: float | None = None
+        while proc.poll() is None and (now := time.monotonic()) < deadline:
+            if s3_stopped_at is None and s3_has_stopped(self.log_tail()):
+                s3_stopped_at = now
+            if s3_stopped_at is not None and now - s3_stopped_at >= _REST_OF_MINI_STOP_S:
+                log.info(
+                    "s3_server_hung_on_stop",
+                    pid=proc.pid,
+                    after_s3_stopped_s=round(now - s3_stopped_at, 1),
+                    last_step=self.log_tail(1).strip(),
+                    action="killed: S3 had stopped, so no write was in flight",
+                )
+                self.kill()
+                break
+            time.sleep(0.1)
+        return super().wait_stopped(max(0.0, deadline - time.monotonic()))
+
     def _after_exit(self) -> None:
         # weed also serves each gRPC port on /tmp/seaweedfs-<kind>-grpc-<port>.sock and
         # leaves some behind; remove ours so repeated test runs don't pile them up.
@@ -319,6 +361,13 @@ class SeaweedS3(Server):
             for sock in Path("/tmp").glob(f"seaweedfs-*-grpc-{port}.sock"):
                 if sock.is_socket():
                     sock.unlink(missing_ok=True)
+
+
+def s3_has_stopped(log_text: str) -> bool:
+    """Whether weed mini's output (appended to across restarts) says that the S3 server of
+    its latest run has stopped."""
+    latest_run = log_text.rpartition(_MINI_START)[2]
+    return _S3_STOPPED_RE.search(latest_run) is not None
 
 
 class RedisServer(Server):

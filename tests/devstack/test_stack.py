@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import http.client
+import os
+import signal
 import socket
 import subprocess
 import sys
 import textwrap
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +26,8 @@ from services.devstack import (
     DevStack,
     NatsServer,
     PortInUseError,
+    SeaweedPorts,
+    SeaweedS3,
     ServerExitedError,
     StackPorts,
     free_port,
@@ -31,6 +36,7 @@ from services.devstack import (
 from services.devstack.ports import GRPC_PORT_OFFSET, is_port_free
 from services.devstack.probes import s3_lists_buckets
 from services.devstack.pytest_fixtures import tools_dir
+from services.devstack.servers import s3_has_stopped
 from services.devstack.state import ServerRecord, StackState, read_state, stop_recorded
 
 # botocore-stubs types sync clients as a bare BaseClient: name the calls used here.
@@ -120,6 +126,55 @@ def test_taken_port_fails_before_launch(tmp_path: Path) -> None:
         with pytest.raises(PortInUseError):
             server.start()
     assert server.pid is None
+
+
+_MINI_RUN = """
+  Press Ctrl+C to stop all components
+
+  Shutting down SeaweedFS Mini ...
+  S3           stopped   0.0s
+  Admin        stopped   0.0s
+--- 2026-11-29T06:00:15+00:00 devstack: weed mini -dir=...
+
+  Starting SeaweedFS Mini ...
+  S3           starting
+  S3           ready     0.2s
+"""
+
+
+def test_s3_stop_is_read_from_the_current_run_only() -> None:
+    """weed's log is appended across restarts: an earlier run's "S3 stopped" does not count."""
+    assert s3_has_stopped(_MINI_RUN.partition("---")[0])
+    assert not s3_has_stopped(_MINI_RUN)
+    assert not s3_has_stopped(_MINI_RUN + "\n  Press Ctrl+C to stop all components\n")
+    assert s3_has_stopped(
+        _MINI_RUN + "\n  Shutting down SeaweedFS Mini ...\n  S3           stopped   0.0s\n"
+    )
+
+
+@pytest.mark.integration
+def test_weed_hung_after_its_s3_stopped_is_killed_without_waiting_out_the_timeout(
+    tmp_path: Path,
+) -> None:
+    """weed mini can hang in a later shutdown step (upstream); once S3 is down it is killed.
+
+    The hang is made certain by freezing weed (SIGSTOP) as soon as it reports S3 stopped.
+    """
+    weed = SeaweedS3(tmp_path / "s3", SeaweedPorts.free()).start()
+    assert weed.pid is not None
+    deadline = time.monotonic() + 30
+    while "Press Ctrl+C to stop" not in weed.log_tail():  # up: the S3 probe passes earlier
+        assert time.monotonic() < deadline, weed.log_tail()
+        time.sleep(0.05)
+    weed.terminate()
+    while not s3_has_stopped(weed.log_tail()):
+        assert time.monotonic() < deadline, weed.log_tail()
+        time.sleep(0.005)
+    os.kill(weed.pid, signal.SIGSTOP)
+    started = time.monotonic()
+    returncode = weed.wait_stopped(timeout=120)
+    assert returncode == -signal.SIGKILL
+    assert time.monotonic() - started < 60  # the timeout path would take 120 s
 
 
 class _BrokenNats(NatsServer):
