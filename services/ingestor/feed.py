@@ -274,6 +274,7 @@ async def run_feed(
                 close_timeout=2,
                 ping_interval=20,
                 ping_timeout=20,
+                max_queue=settings.feed_max_queue,
             ) as ws:
                 # Coinbase drops a connection that has not subscribed within 5 s.
                 await ws.send(subscribe)

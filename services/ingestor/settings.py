@@ -28,6 +28,9 @@ class IngestorSettings(CommonSettings):
     ingest_buffer_max: int = Field(default=100_000, ge=100)
     publish_batch_max: int = Field(default=1024, ge=1)
     feed_max_frame_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    # Frames websockets may read ahead of the reader (it stops reading past this); see
+    # ARCHITECTURE "Ingestor" for why it is far above websockets' default of 16.
+    feed_max_queue: int = Field(default=4096, ge=16)
     record: str | None = None
     record_max_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)
     metrics_port: int = Field(default=9101, ge=0, le=65535)
