@@ -65,6 +65,17 @@ async def nats_baseline(url: str, n: int) -> float:
     return got / elapsed  # what arrived (all of it unless the server cut the subscriber off)
 
 
+def _ingestor_drops(metrics_port: int) -> int:
+    """Frames the ingestor's full outbound buffer has dropped since it started."""
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as r:
+        text = r.read().decode()
+    return round(sum(
+        float(line.rpartition(" ")[2]) for line in text.splitlines()
+        if line.startswith("ledgerflux_ingestor_frames_dropped_total{")
+    ))  # fmt: skip
+
+
 def _stats(port: int) -> dict[str, Any]:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/sim/stats", timeout=5) as r:
         result: dict[str, Any] = json.loads(r.read())
@@ -74,8 +85,10 @@ def _stats(port: int) -> dict[str, Any]:
 async def one_load(
     rate: float, seconds: float, products: list[str], env: dict[str, str], feed_port: int,
     gateway_port: int, logs: Path, sequence_base: int, pids: dict[str, int],
+    ingestor_metrics_port: int,
 ) -> dict[str, Any]:  # fmt: skip
     total = int(rate * seconds)
+    drops_before = await asyncio.to_thread(_ingestor_drops, ingestor_metrics_port)
     client = subprocess.Popen(  # noqa: ASYNC220 - started once per load, off the hot path
         [sys.executable, "-m", "bench.client", "--url", f"ws://127.0.0.1:{gateway_port}/ws",
          "--products", ",".join(products), "--duration", str(seconds + 180),
@@ -107,6 +120,7 @@ async def one_load(
         out, _ = await asyncio.to_thread(client.communicate)
         cpu = {name: round(cpu_seconds(pid) - cpu_before[name], 2)
                for name, pid in pids.items() if name != "client"}  # fmt: skip
+        dropped = await asyncio.to_thread(_ingestor_drops, ingestor_metrics_port) - drops_before
     finally:
         await feed.terminate()
     summary: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
@@ -118,7 +132,13 @@ async def one_load(
                    # feedsim, like Coinbase, sends each product's current ticker on subscribe;
                    # those are not in its ticks_total, nor are REST resync ticks
                    lost=stats["ticks_total"] + len(products)
-                   - (summary["ticks"] - summary["resyncs"]))  # fmt: skip
+                   - (summary["ticks"] - summary["resyncs"]),
+                   # where they went: past the pipeline's capacity the ingestor either
+                   # falls behind the feed, which closes it as a slow consumer as Coinbase
+                   # does (ticks sent meanwhile are gone at the source), or its bounded
+                   # buffer fills and drops its oldest frames; both are counted
+                   feed_slow_consumer_closes=stats["clients"]["slow_client_drops"],
+                   ingestor_dropped=dropped)  # fmt: skip
     return summary
 
 
@@ -147,7 +167,15 @@ async def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         names = ["normalizer", "gateway", "ingestor"]
         if not args.no_snapshotter:
             names.insert(1, "snapshotter")
-        services = [ServiceProcess(n, env, root).start() for n in names]
+        ingestor_metrics_port = free_port()
+        services = [
+            ServiceProcess(
+                n,
+                env | {"METRICS_PORT": str(ingestor_metrics_port)} if n == "ingestor" else env,
+                root,
+            ).start()
+            for n in names
+        ]
         try:
             for proc, name in zip(services, names, strict=True):
                 await proc.wait_for_event(f"{name}_started", timeout=90)
@@ -159,7 +187,7 @@ async def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
                 # would rightly drop a restarted feed's lower sequences as old
                 results["loads"].append(
                     await one_load(rate, args.seconds, products, env, feed_port, gateway_port,
-                                   root, (index + 1) * 10**10, pids)
+                                   root, (index + 1) * 10**10, pids, ingestor_metrics_port)
                 )  # fmt: skip
         finally:
             for proc in services:
@@ -183,15 +211,22 @@ def main() -> int:
         results = asyncio.run(run(args, Path(tmp)))
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "pipeline.json").write_text(json.dumps(results, indent=2))
-    print(f"\n{'offered/s':>10}{'delivered/s':>12}{'emitted':>9}{'received':>9}"
-          f"{'p50 ms':>8}{'p99 ms':>8}{'p99.9':>8}{'max':>8}")  # fmt: skip
+    print(f"\n{'offered/s':>10}{'delivered/s':>12}{'emitted':>9}{'received':>9}{'lost':>7}"
+          f"{'slow':>5}{'dropped':>8}{'p50 ms':>9}{'p99 ms':>9}{'p99.9':>9}{'max':>9}")  # fmt: skip
     for load in results["loads"]:
         print(f"{load['offered_rate']:>10,.0f}{load['delivered_per_s']:>12,.0f}{load['emitted']:>9}"
-              f"{load['ticks']:>9}{load['p50_ms'] or 0:>8.2f}{load['p99_ms'] or 0:>8.2f}"
-              f"{load['p999_ms'] or 0:>8.2f}{load['max_ms'] or 0:>8.1f}")  # fmt: skip
+              f"{load['ticks']:>9}{load['lost']:>7}{load['feed_slow_consumer_closes']:>5}"
+              f"{load['ingestor_dropped']:>8}"
+              f"{load['p50_ms'] or 0:>9.2f}{load['p99_ms'] or 0:>9.2f}"
+              f"{load['p999_ms'] or 0:>9.2f}{load['max_ms'] or 0:>9.1f}")  # fmt: skip
         busiest = sorted(load["cpu_seconds"].items(), key=lambda kv: -kv[1])
         print("    CPU s: " + ", ".join(f"{name} {sec:.1f}" for name, sec in busiest))
     print(f"baseline nats-py core pub→sub: {results['baseline_nats_pubsub_per_s']:,.0f} msg/s")
+    print(
+        "lost: emitted but never received; slow: times the feed closed the ingestor as a slow "
+        "consumer (what it sent meanwhile is lost at the source); dropped: frames the "
+        "ingestor's full buffer dropped (counted)"
+    )
     return 0
 
 

@@ -264,12 +264,15 @@ def render_markdown(report: dict[str, Any]) -> str:
     if pipeline.get("loads"):
         lines += ["", "Pipeline end to end (feedsim → ingestor → normalizer → gateway → client; "
                   "snapshotter and DynamoDB running):", "",
-                  "| Offered ticks/s | Delivered/s | Emitted | Received | Lost | p50 ms | p99 ms "
-                  "| p99.9 ms | max ms |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+                  "| Offered ticks/s | Delivered/s | Emitted | Received | Lost | Feed closed the "
+                  "ingestor as slow | Dropped by the ingestor's full buffer | p50 ms | p99 ms "
+                  "| p99.9 ms | max ms |", "|---" * 11 + "|"]  # fmt: skip
         for load in pipeline["loads"]:
             lines.append(
                 f"| {load['offered_rate']:,.0f} | {load['delivered_per_s']:,.0f} | "
                 f"{load['emitted']:,} | {load['ticks']:,} | {load.get('lost', '—')} | "
+                f"{load.get('feed_slow_consumer_closes', '—')} | "
+                f"{load.get('ingestor_dropped', '—')} | "
                 f"{_num(load['p50_ms'], '.1f')} | {_num(load['p99_ms'], '.1f')} | "
                 f"{_num(load['p999_ms'], '.1f')} | {_num(load['max_ms'], '.1f')} |"
             )
