@@ -41,6 +41,7 @@ async def main(settings: IngestorSettings, stop: asyncio.Event) -> None:
         )
         resyncer = Resyncer(tracker, buffer, rest, max_attempts=settings.resync_max_attempts)
         session = FeedSession(settings, buffer, recorder, tracker=tracker, resyncer=resyncer)
+        metrics.READ_AHEAD.set_function(session.read_ahead)
         log.info(
             "ingestor_started",
             url=settings.coinbase_ws_url,

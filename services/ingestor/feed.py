@@ -83,6 +83,7 @@ class FeedSession:
         self.clock_ns = clock_ns
         self.last_seen = metrics.LAST_MESSAGE.last_seen
         self._reported_errors: set[str] = set()
+        self._ws: ClientConnection | None = None
         # metric children per label set: .labels() per frame was ~10 % of the ingestor's CPU
         self._received: dict[tuple[str, str], Counter] = {}
         # Without heartbeats a quiet product is silent by nature: nothing to watch then.
@@ -120,8 +121,20 @@ class FeedSession:
                     self.resyncer.request(product, "stale")
         metrics.PRODUCTS_STALE.set(len(self.staleness.stale))
 
+    def read_ahead(self) -> int:
+        """Frames websockets has read and queued for :meth:`read` (0 between connections)."""
+        ws = self._ws
+        return len(ws.recv_messages.frames) if ws is not None else 0
+
     async def read(self, ws: ClientConnection) -> None:
         """Read frames until the connection ends; raise why it ended."""
+        self._ws = ws
+        try:
+            await self._read(ws)
+        finally:
+            self._ws = None
+
+    async def _read(self, ws: ClientConnection) -> None:
         timeout = self.settings.watchdog_timeout_s
         push_every = min(1.0, timeout / 4)
         loop = asyncio.get_running_loop()

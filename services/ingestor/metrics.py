@@ -38,6 +38,11 @@ CONNECTED = Gauge("ledgerflux_ingestor_feed_connected", "1 while subscribed to t
 BUFFER_DEPTH = Gauge(
     "ledgerflux_ingestor_buffer_depth", "Frames received and not yet acked by MD_RAW"
 )
+READ_AHEAD = Gauge(
+    "ledgerflux_ingestor_feed_read_ahead_frames",
+    "Frames read from the feed's socket that the reader has not taken yet; at FEED_MAX_QUEUE "
+    "reading pauses, the feed's own send buffer grows and it may close us as a slow consumer",
+)
 
 
 class _LastMessage(Collector):
