@@ -109,7 +109,7 @@ audit: ## known vulnerabilities in uv.lock (pip-audit; exit 3 when the advisory 
 bench: ## every benchmark side by side with its baseline; bench/results/latest.{json,md,png} (~15 min, quiet machine)
 	$(RUN) --group bench python -m bench.run
 
-bench-quick: ## the same scenarios, smaller (about 2-3 minutes)
+bench-quick: ## the same scenarios, smaller (about 3 minutes)
 	$(RUN) --group bench python -m bench.run --quick
 
 validate: ## offline checks of docker/, k8s/, monitoring/, .github/ (no Docker or cluster needed)

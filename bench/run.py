@@ -1,7 +1,7 @@
 """``make bench``: every benchmark scenario in turn, then the report.
 
     python -m bench.run            # full (about 15 minutes on 2 cores)
-    python -m bench.run --quick    # smaller runs (about 2 minutes)
+    python -m bench.run --quick    # smaller runs (about 3 minutes)
     python -m bench.run --only pipeline fanout
 
 Each scenario runs as its own process (its servers, services, clients and load generators
@@ -31,7 +31,7 @@ SCENARIOS: list[tuple[str, list[str], list[str]]] = [
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--quick", action="store_true", help="smaller runs (about 2 minutes)")
+    parser.add_argument("--quick", action="store_true", help="smaller runs (about 3 minutes)")
     parser.add_argument("--only", nargs="+", choices=[s[0] for s in SCENARIOS])
     args = parser.parse_args()
     chosen = [s for s in SCENARIOS if not args.only or s[0] in args.only]
