@@ -24,7 +24,7 @@ class _Envelope(msgspec.Struct):
 _decoder = msgspec.json.Decoder(_Envelope)
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)  # not frozen: a frozen init (object.__setattr__ per field) cost 2.6 µs
 class RawFrame:
     """One frame as received, with what routing and dedup need."""
 
