@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import ClassVar, Self
+from typing import ClassVar, Literal, Self
 
 from services.common.logging import get_logger
 from services.devstack.errors import (
@@ -35,6 +35,11 @@ log = get_logger(__name__)
 
 LOG_TAIL_LINES = 20
 DEFAULT_STOP_TIMEOUT_S = 10.0
+_STOP_POLL_S = 0.05
+
+# How a wait for a stopping server ended: it exited, ``timeout`` passed, or its log showed
+# the stop past the point where a kill loses nothing and it then hung (see ``kill_grace_s``).
+StopWait = Literal["exited", "timeout", "hung"]
 
 _PR_SET_PDEATHSIG = 1
 _prctl: Callable[..., int] | None
@@ -55,6 +60,15 @@ class Server(abc.ABC):
     name: ClassVar[str]
     ready_timeout: ClassVar[float]
     poll_interval: ClassVar[float] = 0.02
+    # A server known to hang on stop sets this and ``kill_is_safe``: once its log shows the
+    # stop is past the point where a kill loses nothing, it gets this long, then is killed.
+    kill_grace_s: ClassVar[float | None] = None
+
+    @classmethod
+    def kill_is_safe(cls, log_text: str) -> bool:
+        """Whether the server's log (its tail) shows a stop far enough along that a kill
+        loses nothing."""
+        return False
 
     def __init__(
         self, data_dir: Path, *, log_file: Path | None = None, die_with_parent: bool = True
@@ -204,12 +218,16 @@ class Server(abc.ABC):
             return None
         if proc.returncode is not None:  # reaped by an earlier stop or kill
             return proc.returncode
-        try:
-            returncode = proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            log.warning("server_stop_timeout", server=self.name, pid=proc.pid, timeout_s=timeout)
+        outcome = wait_for_stop(
+            type(self), proc.pid, self.log_file, timeout, lambda s: _exits_within(proc, s)
+        )
+        if outcome != "exited":
+            if outcome == "timeout":
+                log.warning(
+                    "server_stop_timeout", server=self.name, pid=proc.pid, timeout_s=timeout
+                )
             self.kill()
-            returncode = proc.wait()
+        returncode = proc.wait()
         self._after_exit()
         log.info("server_stopped", server=self.name, pid=proc.pid, returncode=returncode)
         return returncode
@@ -240,14 +258,7 @@ class Server(abc.ABC):
 
     def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
         """The last ``lines`` lines of the log file."""
-        try:
-            with self.log_file.open("rb") as log_fd:
-                log_fd.seek(0, os.SEEK_END)
-                log_fd.seek(max(0, log_fd.tell() - 64 * 1024))
-                text = log_fd.read().decode(errors="replace")
-        except OSError as exc:
-            return f"<no log: {exc}>"
-        return "\n".join(text.splitlines()[-lines:])
+        return log_tail(self.log_file, lines)
 
     def _require_proc(self) -> subprocess.Popen[bytes]:
         if self._proc is None:
@@ -268,3 +279,58 @@ def _parent_death_signal(parent_pid: int) -> Callable[[], None]:
             os.kill(os.getpid(), signal.SIGTERM)
 
     return set_pdeathsig
+
+
+def log_tail(log_file: Path, lines: int = LOG_TAIL_LINES) -> str:
+    """The last ``lines`` lines of a server's log file."""
+    try:
+        with log_file.open("rb") as log_fd:
+            log_fd.seek(0, os.SEEK_END)
+            log_fd.seek(max(0, log_fd.tell() - 64 * 1024))
+            text = log_fd.read().decode(errors="replace")
+    except OSError as exc:
+        return f"<no log: {exc}>"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def wait_for_stop(
+    server: type[Server],
+    pid: int,
+    log_file: Path,
+    timeout: float,
+    exits_within: Callable[[float], bool],
+) -> StopWait:
+    """Wait up to ``timeout`` for a signalled server to exit (``exits_within(s)``: whether it
+    has exited, waiting at most ``s``); for a server with ``kill_grace_s``, only that long
+    once its log shows the stop past its safe point (logged: the caller kills it)."""
+    deadline = time.monotonic() + timeout
+    safe_since: float | None = None
+    while not exits_within(min(_STOP_POLL_S, max(0.0, deadline - time.monotonic()))):
+        now = time.monotonic()
+        if now >= deadline:
+            return "timeout"
+        grace = server.kill_grace_s
+        if grace is None:
+            continue
+        if safe_since is None:
+            if server.kill_is_safe(log_tail(log_file)):
+                safe_since = now
+        elif now - safe_since >= grace:
+            log.info(
+                "server_hung_on_stop",
+                server=server.name,
+                pid=pid,
+                hung_s=round(now - safe_since, 1),
+                last_step=log_tail(log_file, 1).strip(),
+                action="killed: its stop was past the point where a kill loses nothing",
+            )
+            return "hung"
+    return "exited"
+
+
+def _exits_within(proc: subprocess.Popen[bytes], seconds: float) -> bool:
+    try:
+        proc.wait(seconds)
+    except subprocess.TimeoutExpired:
+        return False
+    return True

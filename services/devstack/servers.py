@@ -4,20 +4,19 @@ from __future__ import annotations
 
 import os
 import re
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
 
-from services.common.logging import get_logger
 from services.devstack import probes
 from services.devstack.install import ensure_dynamodb_local, find_binary
 from services.devstack.ports import GRPC_PORT_OFFSET, free_port, free_port_pair
-from services.devstack.process import DEFAULT_STOP_TIMEOUT_S, Server
+from services.devstack.process import Server
 
 __all__ = [
     "DEFAULT_ACCESS_KEY",
     "DEFAULT_SECRET_KEY",
+    "SERVER_TYPES",
     "DynamoDBLocal",
     "NatsServer",
     "RedisServer",
@@ -33,10 +32,6 @@ _MAX_SOCKET_PATH = 100
 # weed mini prints each component as it stops: S3 first, then admin, filer, volume server.
 _MINI_START = "Starting SeaweedFS Mini"
 _S3_STOPPED_RE = re.compile(r"^\s*S3\s+stopped\b", re.MULTILINE)
-# After S3, the other components normally stop within ~2 s.
-_REST_OF_MINI_STOP_S = 4.0
-
-log = get_logger(__name__)
 
 
 class NatsServer(Server):
@@ -225,6 +220,17 @@ class SeaweedS3(Server):
     name = "s3"
     ready_timeout = 60.0
     poll_interval = 0.05
+    # weed mini (4.48) stops S3, then the admin server, the filer and the volume server
+    # (~2 s in all). Once it has run for about a minute it often hangs in one of the later
+    # steps: goroutine dumps (SIGQUIT) show the admin's stop, or the volume server's
+    # shutdown hook sleeping in a loop while its HTTP and gRPC still serve. With S3 down no
+    # write can arrive, and the filer's store and the volume files are crash-safe, so a kill
+    # then loses nothing; waiting out the stop timeout only delayed every stop by 10 s.
+    kill_grace_s = 4.0
+
+    @classmethod
+    def kill_is_safe(cls, log_text: str) -> bool:
+        return s3_has_stopped(log_text)
 
     def __init__(
         self,
@@ -322,38 +328,6 @@ class SeaweedS3(Server):
     def cmdline_markers(self) -> list[str]:
         return ["weed", "mini", f"-s3.port={self.port}"]
 
-    def wait_stopped(self, timeout: float = DEFAULT_STOP_TIMEOUT_S) -> int | None:
-        """As :meth:`Server.wait_stopped`, but once S3 has stopped, the rest of weed gets
-        a few seconds and is then killed instead of waiting out ``timeout``.
-
-        weed mini (4.48) stops S3, then the admin server, the filer and the volume server
-        (~2 s in all). Once it has run for about a minute it often hangs in one of the later
-        steps: goroutine dumps (SIGQUIT) show the admin's stop, or the volume server's
-        shutdown hook sleeping in a loop while its HTTP and gRPC still serve. With S3 down
-        no write can arrive, and the filer's store and the volume files are crash-safe, so a
-        kill loses nothing; waiting out ``timeout`` only delayed every stop by 10 s.
-        """
-        proc = self._proc
-        if proc is None or proc.returncode is not None:
-            return super().wait_stopped(timeout)
-        deadline = time.monotonic() + timeout
-        s3_stopped_at: float | None = None
-        while proc.poll() is None and (now := time.monotonic()) < deadline:
-            if s3_stopped_at is None and s3_has_stopped(self.log_tail()):
-                s3_stopped_at = now
-            if s3_stopped_at is not None and now - s3_stopped_at >= _REST_OF_MINI_STOP_S:
-                log.info(
-                    "s3_server_hung_on_stop",
-                    pid=proc.pid,
-                    after_s3_stopped_s=round(now - s3_stopped_at, 1),
-                    last_step=self.log_tail(1).strip(),
-                    action="killed: S3 had stopped, so no write was in flight",
-                )
-                self.kill()
-                break
-            time.sleep(0.1)
-        return super().wait_stopped(max(0.0, deadline - time.monotonic()))
-
     def _after_exit(self) -> None:
         # weed also serves each gRPC port on /tmp/seaweedfs-<kind>-grpc-<port>.sock and
         # leaves some behind; remove ours so repeated test runs don't pile them up.
@@ -413,3 +387,8 @@ class RedisServer(Server):
     def cmdline_markers(self) -> list[str]:
         # Redis rewrites its process title to "redis-server 127.0.0.1:6379".
         return ["redis-server", f"{self.host}:{self.port}"]
+
+
+SERVER_TYPES: dict[str, type[Server]] = {
+    server.name: server for server in (NatsServer, DynamoDBLocal, SeaweedS3, RedisServer)
+}

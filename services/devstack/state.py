@@ -10,11 +10,14 @@ import contextlib
 import os
 import signal
 import time
+from functools import partial
 from pathlib import Path
 
 import msgspec
 
 from services.common.logging import get_logger
+from services.devstack.process import Server, wait_for_stop
+from services.devstack.servers import SERVER_TYPES
 
 log = get_logger(__name__)
 
@@ -94,8 +97,9 @@ def live_pids(state: StackState) -> list[int]:
 def stop_recorded(state: StackState, timeout: float) -> dict[str, str]:
     """Stop the servers ``state`` lists (not our children): SIGTERM all, then wait for each.
 
-    Each gets ``timeout`` seconds before a SIGKILL of its process group. Returns
-    what happened per server: ``stopped``, ``killed`` or ``not running``.
+    Each gets ``timeout`` seconds before a SIGKILL of its process group (a server known to
+    hang on stop less: ``Server.kill_grace_s``). Returns what happened per server:
+    ``stopped``, ``killed`` or ``not running``.
     """
     outcome: dict[str, str] = {}
     signalled: list[ServerRecord] = []
@@ -107,10 +111,15 @@ def stop_recorded(state: StackState, timeout: float) -> dict[str, str]:
             os.kill(record.pid, signal.SIGTERM)
         signalled.append(record)
     for record in signalled:
-        if not _wait_dead(record, timeout):
-            log.warning(
-                "server_stop_timeout", server=record.name, pid=record.pid, timeout_s=timeout
-            )
+        server = SERVER_TYPES.get(record.name, Server)
+        waited = wait_for_stop(
+            server, record.pid, Path(record.log_file), timeout, partial(_wait_dead, record)
+        )
+        if waited != "exited":
+            if waited == "timeout":
+                log.warning(
+                    "server_stop_timeout", server=record.name, pid=record.pid, timeout_s=timeout
+                )
             # Each server leads its own process group (start_new_session).
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(record.pid, signal.SIGKILL)

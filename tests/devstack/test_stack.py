@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -153,10 +154,12 @@ def test_s3_stop_is_read_from_the_current_run_only() -> None:
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize("stopped_by", ["its_server_object", "stop_recorded"])
 def test_weed_hung_after_its_s3_stopped_is_killed_without_waiting_out_the_timeout(
-    tmp_path: Path,
+    tmp_path: Path, stopped_by: str
 ) -> None:
-    """weed mini can hang in a later shutdown step (upstream); once S3 is down it is killed.
+    """weed mini can hang in a later shutdown step (upstream); once S3 is down it is killed,
+    both by the stack that started it and by ``down`` from another process.
 
     The hang is made certain by freezing weed (SIGSTOP) as soon as it reports S3 stopped.
     """
@@ -166,15 +169,31 @@ def test_weed_hung_after_its_s3_stopped_is_killed_without_waiting_out_the_timeou
     while "Press Ctrl+C to stop" not in weed.log_tail():  # up: the S3 probe passes earlier
         assert time.monotonic() < deadline, weed.log_tail()
         time.sleep(0.05)
-    weed.terminate()
+    record = ServerRecord(
+        name=weed.name, pid=weed.pid, url=weed.url, ports=weed.ports,
+        markers=weed.cmdline_markers(), log_file=str(weed.log_file),
+    )  # fmt: skip
+    state = StackState(
+        root=str(tmp_path), started_at="", startup_seconds=0.0, env={}, servers=[record]
+    )
+    outcome: list[object] = []
+    started = time.monotonic()
+    stopper = threading.Thread(
+        target=lambda: outcome.append(
+            weed.stop(timeout=120) if stopped_by == "its_server_object"
+            else stop_recorded(state, 120)
+        )
+    )  # fmt: skip
+    stopper.start()
     while not s3_has_stopped(weed.log_tail()):
         assert time.monotonic() < deadline, weed.log_tail()
         time.sleep(0.005)
     os.kill(weed.pid, signal.SIGSTOP)
-    started = time.monotonic()
-    returncode = weed.wait_stopped(timeout=120)
-    assert returncode == -signal.SIGKILL
+    stopper.join(timeout=120)
     assert time.monotonic() - started < 60  # the timeout path would take 120 s
+    expected = -signal.SIGKILL if stopped_by == "its_server_object" else {"s3": "killed"}
+    assert outcome == [expected]
+    assert weed.wait_stopped(1.0) == -signal.SIGKILL
 
 
 class _BrokenNats(NatsServer):
