@@ -26,6 +26,7 @@ import nats
 from bench.frames import synthetic_products, ticker_frames
 from services.devstack.ports import free_port
 from services.devstack.stack import DevStack, StackPorts
+from tests.support.metrics import scrape_total
 from tests.support.procs import REPO, ServiceProcess, cpu_seconds
 
 RESULTS = REPO / "bench" / "results"
@@ -68,12 +69,7 @@ async def nats_baseline(url: str, n: int) -> float:
 def _ingestor_drops(metrics_port: int) -> int:
     """Frames the ingestor's full outbound buffer has dropped since it started."""
     url = f"http://127.0.0.1:{metrics_port}/metrics"
-    with urllib.request.urlopen(url, timeout=5) as r:
-        text = r.read().decode()
-    return round(sum(
-        float(line.rpartition(" ")[2]) for line in text.splitlines()
-        if line.startswith("ledgerflux_ingestor_frames_dropped_total{")
-    ))  # fmt: skip
+    return round(scrape_total(url, "ledgerflux_ingestor_frames_dropped_total"))
 
 
 def _stats(port: int) -> dict[str, Any]:

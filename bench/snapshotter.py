@@ -12,11 +12,9 @@ import argparse
 import asyncio
 import json
 import os
-import re
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +32,7 @@ from services.snapshotter.settings import SnapshotterSettings
 from services.snapshotter.snapshots import SnapshotWriter, ensure_bucket
 from services.snapshotter.state import DurableState
 from services.snapshotter.tools import ddb_client_kwargs, s3_client_kwargs
+from tests.support.metrics import scrape_total
 from tests.support.procs import REPO, ServiceProcess, cpu_seconds
 from tests.support.streams import wait_consumer_idle
 
@@ -47,12 +46,6 @@ def _tick(product: str, seq: int) -> Tick:
         bid="99.5", bid_size="1", ask="100.5", ask_size="2", open_24h="100",
         high_24h="1200", low_24h="90", volume_24h="123456.789",
     )  # fmt: skip
-
-
-def _metric(url: str, name: str) -> float:
-    with urllib.request.urlopen(url, timeout=5) as response:
-        text = response.read().decode()
-    return sum(float(v) for v in re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M))
 
 
 async def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
@@ -129,7 +122,7 @@ async def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             ours_s = time.perf_counter() - started
             cpu = {name: cpu_seconds(pid) - cpu_before[name] for name, pid in pids.items()}
             url = f"http://127.0.0.1:{metrics_port}/metrics"
-            writes = _metric(url, "ledgerflux_snapshotter_ddb_writes_total")
+            writes = scrape_total(url, "ledgerflux_snapshotter_ddb_writes_total")
             await proc.wait_for_event("snapshot_written", timeout=30)
             snapshot_ms = [e["ms"] for e in proc.events() if e.get("event") == "snapshot_written"]
             passes = [e for e in proc.events() if e.get("event") == "pass_written"]

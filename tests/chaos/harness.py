@@ -29,12 +29,12 @@ import nats
 import nats.errors
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
-from prometheus_client.parser import text_string_to_metric_families
 
 from services.common.subjects import RAW_STREAM, TICKS_STREAM, tick_subject
 from services.devstack.ports import free_port
 from services.devstack.process import Server
 from services.devstack.servers import NatsServer
+from tests.support.metrics import metric_total
 from tests.support.procs import REPO, ServiceProcess
 
 NUM_SHARDS = 4  # the services' default
@@ -386,12 +386,7 @@ class Pipeline:
             text = await asyncio.to_thread(get_text, f"http://127.0.0.1:{port}/metrics", 2.0)
         except OSError:
             return None
-        total = 0.0
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if sample.name == name:
-                    total += sample.value
-        return total
+        return metric_total(text, name)
 
     async def consumer_lag(self, stream: str, durable: str) -> int | None:
         """Messages not yet delivered plus delivered but not acked; None if unknown."""
