@@ -326,4 +326,11 @@ async def close(nc: NATS, timeout_s: float, *, pull_subs: Iterable[Unsubscribabl
         await asyncio.wait_for(nc.drain(), timeout_s)
     except (TimeoutError, nats.errors.Error) as exc:
         log.warning("nats_drain_incomplete", error=repr(exc))
-        await nc.close()
+        try:
+            await nc.close()
+        except (RuntimeError, TypeError, OSError) as closed:
+            # nats-py (2.16) flushes what it still buffers for a reconnect into the transport
+            # it lost when the server went away: uvloop raises RuntimeError ("the handler is
+            # closed"), asyncio's own loop a TypeError. Nothing can be sent any more; what was
+            # not acked is redelivered to the next consumer.
+            log.warning("nats_closed_unreachable", error=repr(closed))

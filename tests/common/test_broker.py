@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import nats
 import pytest
 from nats.aio.client import Client as NATS
+from structlog.testing import capture_logs
 
 from services.common import broker
 from services.common.errors import BrokerError
@@ -120,3 +122,20 @@ async def test_publisher_headers_duplicates_and_rejections(
     with pytest.raises(BrokerError, match=r"BadRequestError.*expected stream does not match"):
         await publisher.wait([rejected])
     assert publisher.in_flight() == 0
+
+
+async def test_close_with_the_server_gone_and_data_buffered(nats_server: NatsServer) -> None:
+    """A service stopping while nats-server is gone, with publishes buffered for the
+    reconnect, closes without raising (nats-py flushed its buffer into the lost transport,
+    and every service stopped that way ended with exit 1 and an error traceback)."""
+    settings = settings_for(nats_server)
+    client = await broker.connect(settings, name="close-test")
+    nats_server.kill()
+    while not client.is_reconnecting:
+        await asyncio.sleep(0.01)
+    await client.publish("md.raw.coinbase.BTC-USD", b"{}")  # buffered for the reconnect
+    with capture_logs() as logs:
+        await broker.close(client, timeout_s=1.0)
+    assert client.is_closed
+    events = [entry["event"] for entry in logs]
+    assert events == ["nats_drain_incomplete", "nats_closed_unreachable"], logs
