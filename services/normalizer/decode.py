@@ -155,10 +155,8 @@ def check_time(value: str) -> None:
         raise BadTimeError(f"time={value!r} is not RFC 3339 with a time zone")
 
 
-def ticker_to_tick(
-    msg: CoinbaseTicker, subject_product: str, recv_ns: int, *, resync: bool = False
-) -> Tick:
-    """Validate a decoded ticker and build the canonical tick, decimals untouched."""
+def check_ticker(msg: CoinbaseTicker, subject_product: str) -> None:
+    """Raise a :class:`RejectedFrameError` unless the ticker is a valid canonical tick."""
     if msg.product_id != subject_product:
         raise ProductMismatchError(
             f"product_id={msg.product_id!r} on the subject of {subject_product!r}"
@@ -176,18 +174,25 @@ def ticker_to_tick(
     if bid is not None and ask is not None and _above(bid, ask):
         raise BadValueError(f"best_bid={bid} is above best_ask={ask}")
     check_time(msg.time)
+
+
+def ticker_to_tick(
+    msg: CoinbaseTicker, subject_product: str, recv_ns: int, *, resync: bool = False
+) -> Tick:
+    """Validate a decoded ticker and build the canonical tick, decimals untouched."""
+    check_ticker(msg, subject_product)
     return Tick(
         product=msg.product_id,
         seq=msg.sequence,
         trade_id=msg.trade_id,
         time=msg.time,
         recv_ns=recv_ns,
-        price=price,
+        price=msg.price,
         size=msg.last_size,
-        side=side,  # type: ignore[arg-type]  # checked above
-        bid=bid,
+        side=msg.side,  # type: ignore[arg-type]  # checked
+        bid=msg.best_bid,
         bid_size=msg.best_bid_size,
-        ask=ask,
+        ask=msg.best_ask,
         ask_size=msg.best_ask_size,
         open_24h=msg.open_24h,
         high_24h=msg.high_24h,
@@ -195,6 +200,33 @@ def ticker_to_tick(
         volume_24h=msg.volume_24h,
         resync=True if resync else msgspec.UNSET,
     )
+
+
+# The canonical tick with positional fields, for the hot path: msgspec matches Tick's
+# nineteen keywords in ~2.3 µs a frame, positional arguments take ~0.7 µs. Derived from
+# Tick (same tag, field names, order and types; ``skipped`` is only ever the gateway's), so
+# both encode the same bytes, which tests/normalizer/test_decode.py checks.
+_TICK_FIELDS = msgspec.structs.fields(Tick)
+PositionalTick = msgspec.defstruct(
+    "PositionalTick",
+    [(f.name, f.type) for f in _TICK_FIELDS if f.name not in ("resync", "skipped")]
+    + [("resync", bool | msgspec.UnsetType, msgspec.UNSET)],
+    tag_field="type",
+    tag="tick",
+)
+_VERSION, _EXCHANGE = (f.default for f in _TICK_FIELDS[:2])
+_encode = msgspec.json.Encoder().encode
+
+
+def encode_ticker(msg: CoinbaseTicker, recv_ns: int, *, resync: bool = False) -> bytes:
+    """The canonical tick's JSON for a ticker that passed :func:`check_ticker`."""
+    tick = PositionalTick(
+        _VERSION, _EXCHANGE, msg.product_id, msg.sequence, msg.trade_id, msg.time, recv_ns,
+        msg.price, msg.last_size, msg.side, msg.best_bid, msg.best_bid_size, msg.best_ask,
+        msg.best_ask_size, msg.open_24h, msg.high_24h, msg.low_24h, msg.volume_24h,
+        True if resync else msgspec.UNSET,
+    )  # fmt: skip
+    return _encode(tick)
 
 
 def require_product(
@@ -210,9 +242,12 @@ __all__ = [
     "CoinbaseMatch",
     "CoinbaseTicker",
     "Frame",
+    "PositionalTick",
     "SchemaError",
+    "check_ticker",
     "check_time",
     "decode_frame",
+    "encode_ticker",
     "require_product",
     "ticker_to_tick",
 ]

@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from services.common.models import encode_tick
 from services.common.subjects import (
     DLQ_STREAM,
     HDR_DLQ_ERROR,
@@ -29,9 +28,10 @@ from services.normalizer.decode import (
     CoinbaseLastMatch,
     CoinbaseMatch,
     CoinbaseTicker,
+    check_ticker,
     decode_frame,
+    encode_ticker,
     require_product,
-    ticker_to_tick,
 )
 from services.normalizer.errors import ProductMismatchError, RejectedFrameError
 
@@ -103,7 +103,7 @@ def process_batch(
                 raise ProductMismatchError(f"subject {frame.subject!r} names no product")
             decoded = decode_frame(frame.data)
             if type(decoded) is CoinbaseTicker:
-                tick = ticker_to_tick(decoded, product, recv_ns, resync=HDR_RESYNC in headers)
+                check_ticker(decoded, product)
                 tickers += 1
             else:
                 # heartbeats and matches feed liveness only; they are not ticks
@@ -117,7 +117,7 @@ def process_batch(
             outputs.append(_dead_letter(frame, exc))
             continue
         last_seen[product] = recv_ns
-        seq = tick.seq
+        seq = decoded.sequence
         previous = staged.get(product)
         if previous is None:
             previous = last_seq.get(product, -1)
@@ -129,7 +129,7 @@ def process_batch(
             Output(
                 TICKS_STREAM,
                 tick_subject(product, num_shards),
-                encode_tick(tick),
+                encode_ticker(decoded, recv_ns, resync=HDR_RESYNC in headers),
                 f"tick:coinbase:{product}:{seq}",
                 None,
                 product,

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import msgspec
 import orjson
 import pytest
 
-from services.common.models import decode_tick, encode_tick
-from services.normalizer.decode import CoinbaseHeartbeat, decode_frame, ticker_to_tick
+from services.common.models import Tick, decode_tick, encode_tick
+from services.normalizer.decode import (
+    CoinbaseHeartbeat,
+    PositionalTick,
+    decode_frame,
+    ticker_to_tick,
+)
 from services.normalizer.errors import RejectedFrameError
 from services.normalizer.process import RawIn, process_batch
 
@@ -54,6 +60,16 @@ def test_real_ticker_becomes_an_exact_tick() -> None:
     assert list(wire)[:4] == ["type", "v", "exchange", "product"]
     assert wire["type"] == "tick" and wire["v"] == 1 and "resync" not in wire
     assert decode_tick(encode_tick(tick)) == tick
+
+
+def test_the_positional_tick_is_the_tick_model_field_for_field() -> None:
+    """The hot path's PositionalTick has Tick's tag, names, order and types (all but the
+    gateway's ``skipped``), so a field added to Tick cannot go missing from MD_TICKS."""
+    tick_fields = [(f.name, f.type) for f in msgspec.structs.fields(Tick) if f.name != "skipped"]
+    positional = [(f.name, f.type) for f in msgspec.structs.fields(PositionalTick)]
+    assert positional == tick_fields
+    assert msgspec.inspect.type_info(PositionalTick).tag == "tick"  # type: ignore[attr-defined]
+    assert msgspec.inspect.type_info(PositionalTick).tag_field == "type"  # type: ignore[attr-defined]
 
 
 def test_2021_ticker_without_sizes_has_nulls() -> None:
