@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 from collections.abc import Iterable
-from typing import Protocol
+from typing import Any, Protocol
 
 import nats
 import nats.errors
@@ -32,7 +31,7 @@ from nats.js.api import (
 )
 
 from services.common import metrics
-from services.common.errors import BrokerError, StreamConfigError
+from services.common.errors import StoppedError, StreamConfigError
 from services.common.logging import get_logger
 from services.common.publisher import PendingPublish as PendingPublish  # re-exported
 from services.common.publisher import Publisher as Publisher  # re-exported
@@ -55,7 +54,8 @@ _DRAIN_WAIT_S = 0.005  # how long a fetch waits for more once it has a first mes
 async def connect(
     settings: CommonSettings, *, name: str, stop: asyncio.Event | None = None
 ) -> NATS:
-    """Connect to the first reachable server of ``NATS_URLS``, retrying until ``stop``.
+    """Connect to the first reachable server of ``NATS_URLS``, retrying until one answers;
+    :class:`StoppedError` if ``stop`` is set first.
 
     Once connected, nats-py reconnects on its own forever; while it is away, publishes
     queue in its pending buffer and our bounded publisher window applies backpressure.
@@ -66,6 +66,8 @@ async def connect(
         log.warning("nats_error", error=str(exc) or type(exc).__name__)
 
     async def on_disconnect() -> None:
+        if not connected_once:
+            return  # a connect abandoned on stop: nothing was connected
         metrics.NATS_CONNECTED.set(0)
         metrics.NATS_DISCONNECTS.inc()
         log.warning("nats_disconnected")
@@ -75,39 +77,42 @@ async def connect(
         metrics.NATS_RECONNECTS.inc()
         log.info("nats_reconnected", server=_server(nc))
 
+    connected_once = False
     nc = NATS()
-    delay = 0.2
-    attempt = 0
-    while True:
-        attempt += 1
-        try:
-            await nc.connect(
-                servers=settings.nats_urls,
-                name=name,
-                connect_timeout=int(max(1, settings.nats_connect_timeout_s)),
-                allow_reconnect=True,
-                max_reconnect_attempts=-1,
-                reconnect_time_wait=1,
-                error_cb=on_error,
-                disconnected_cb=on_disconnect,
-                reconnected_cb=on_reconnect,
-                pending_size=64 * 1024 * 1024,
-            )
-        except (nats.errors.NoServersError, OSError, TimeoutError) as exc:
-            if stop is not None and stop.is_set():
-                raise BrokerError("stopped before NATS was reachable") from exc
-            log.warning(
-                "nats_connect_retry",
-                urls=[redact_url(u) for u in settings.nats_urls],
-                attempt=attempt,
-                error=str(exc),
-            )
-            await _sleep_or_stop(delay * (0.5 + random.random()), stop)
-            delay = min(delay * 2, 5.0)
-            continue
-        metrics.NATS_CONNECTED.set(1)
-        log.info("nats_connected", server=_server(nc))
-        return nc
+    options: dict[str, Any] = {
+        "servers": settings.nats_urls,
+        "name": name,
+        "connect_timeout": int(max(1, settings.nats_connect_timeout_s)),
+        "allow_reconnect": True,
+        "max_reconnect_attempts": -1,
+        "reconnect_time_wait": 1,
+        "error_cb": on_error,
+        "disconnected_cb": on_disconnect,
+        "reconnected_cb": on_reconnect,
+        "pending_size": 64 * 1024 * 1024,
+    }
+    urls = [redact_url(u) for u in settings.nats_urls]
+    log.info("nats_connecting", urls=urls)
+    # With reconnects unlimited, nats-py's connect itself retries for ever until a server
+    # answers (each failure reported through on_error): race it against the stop request,
+    # or a service started while NATS is down would ignore SIGTERM.
+    connecting = asyncio.ensure_future(nc.connect(**options))
+    if stop is not None:
+        stopping = asyncio.ensure_future(stop.wait())
+        await asyncio.wait((connecting, stopping), return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if not connecting.done():
+            connecting.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await connecting
+            with contextlib.suppress(Exception):
+                await nc.close()
+            raise StoppedError(f"stopped before NATS was reachable at {', '.join(urls)}")
+    await connecting
+    connected_once = True
+    metrics.NATS_CONNECTED.set(1)
+    log.info("nats_connected", server=_server(nc))
+    return nc
 
 
 def _server(nc: NATS) -> str | None:

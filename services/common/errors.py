@@ -7,6 +7,11 @@ class LedgerFluxError(Exception):
     """Base of every error raised by LedgerFlux code."""
 
 
+class StoppedError(LedgerFluxError):
+    """A stop was requested while the service was still waiting for a dependency: it exits
+    0 (nothing was taken, so nothing is left to finish)."""
+
+
 class BrokerError(LedgerFluxError):
     """NATS/JetStream failed in a way the caller must handle (retry, nak, stop)."""
 

@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable, Sequence
 import uvloop
 
 from services.common.aio import watch_gc_pauses
+from services.common.errors import StoppedError
 from services.common.logging import configure_logging, get_logger
 from services.common.metrics import start_metrics_server, stop_metrics_server
 from services.common.settings import CommonSettings, ConfigError
@@ -69,6 +70,8 @@ async def _supervise[S: CommonSettings](
     log.info("service_starting", pid=os.getpid())
     try:
         await main(settings, stop)
+    except StoppedError as exc:
+        log.warning("stopped_before_ready", reason=str(exc))
     except Exception:
         log.exception("service_failed")
         return EXIT_FAILED

@@ -69,6 +69,13 @@ async def main(settings: GatewaySettings, stop: asyncio.Event) -> None:
     )
     server = _Server(config)
     served = asyncio.Event()
+    try:
+        # NATS, streams, the live tail and a warm cache before the port opens (not in the
+        # lifespan: uvicorn's startup cannot be interrupted by a stop request)
+        await state.start(stop)
+    except BaseException:
+        await state.stop()
+        raise
 
     async def stop_on_signal() -> None:
         await stop.wait()

@@ -46,8 +46,8 @@ class GatewayState:
         self.live: LiveTail | None = None
         self.accepting = True
 
-    async def start(self) -> None:
-        self.nc = await broker.connect(self.settings, name="ledgerflux-gateway")
+    async def start(self, stop: asyncio.Event) -> None:
+        self.nc = await broker.connect(self.settings, name="ledgerflux-gateway", stop=stop)
         js = self.ctx.js = self.nc.jetstream()
         await broker.ensure_streams(js, self.settings)
         # subscribe before warming: a tick landing in between is then not missed
@@ -87,7 +87,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        await state.start()
+        # state.start ran before uvicorn (see __main__): the port opens once NATS is there
         log.info("gateway_started", port=settings.gateway_port)
         yield
         state.begin_shutdown()

@@ -21,7 +21,7 @@ from services.common.pull import DirectPull, TrackedPull
 from services.common.settings import ConfigError
 from services.common.subjects import TICKS_STREAM, shard_of, tick_filters
 from services.snapshotter.consume import consume
-from services.snapshotter.ddb import LatestWriter, ensure_table, read_latest
+from services.snapshotter.ddb import LatestWriter, ensure_table, read_latest, until_ddb_answers
 from services.snapshotter.settings import SnapshotterSettings
 from services.snapshotter.snapshots import SnapshotWriter
 from services.snapshotter.state import DurableState
@@ -44,7 +44,11 @@ async def main(settings: SnapshotterSettings, stop: asyncio.Event) -> None:
             session.client("dynamodb", **ddb_client_kwargs(settings)) as ddb,  # type: ignore[call-overload]
             session.client("s3", **s3_client_kwargs(settings)) as s3,  # type: ignore[call-overload]
         ):
-            await ensure_table(ddb, settings.ddb_table, create=settings.ddb_create_table)
+            await until_ddb_answers(
+                "ensure_table",
+                lambda: ensure_table(ddb, settings.ddb_table, create=settings.ddb_create_table),
+                stop,
+            )
             durable = settings.durable_name
             pull = TrackedPull(
                 js,
@@ -58,7 +62,7 @@ async def main(settings: SnapshotterSettings, stop: asyncio.Event) -> None:
                 ack_policy=AckPolicy.ALL,
             )
             await pull.bind()
-            state = await _warm_state(js, ddb, settings, durable)
+            state = await _warm_state(js, ddb, settings, durable, stop)
             log.info(
                 "snapshotter_started",
                 durable=durable,
@@ -80,10 +84,16 @@ async def main(settings: SnapshotterSettings, stop: asyncio.Event) -> None:
 
 
 async def _warm_state(
-    js: JetStreamContext, ddb: DynamoDBClient, settings: SnapshotterSettings, durable: str
+    js: JetStreamContext,
+    ddb: DynamoDBClient,
+    settings: SnapshotterSettings,
+    durable: str,
+    stop: asyncio.Event,
 ) -> DurableState:
     """What is already durable: DynamoDB's items, complete up to the consumer's ack floor."""
-    stored = await read_latest(ddb, settings.ddb_table)
+    stored = await until_ddb_answers(
+        "read_latest", lambda: read_latest(ddb, settings.ddb_table), stop
+    )
     info = await js.consumer_info(TICKS_STREAM, durable)
     state = DurableState(
         latest={

@@ -8,13 +8,16 @@ verbatim, so decimals stay exact), ``price``/``time`` (S) for humans and
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from botocore.exceptions import BotoCoreError, ClientError
 
+from services.common.errors import StoppedError
 from services.common.logging import get_logger
 from services.snapshotter import metrics
 from services.snapshotter.errors import TableSchemaError
@@ -34,6 +37,36 @@ _RETRYABLE_CODES = frozenset(
         "ServiceUnavailable",
     }
 )
+
+
+async def until_ddb_answers[T](
+    step: str, call: Callable[[], Awaitable[T]], stop: asyncio.Event
+) -> T:
+    """A start-up call to DynamoDB, retried while DynamoDB is unreachable, throttling or
+    failing on its side (compose starting it after us, a restart), so the snapshotter waits
+    instead of crash-looping. Answers about the request itself (no table with
+    ``DDB_CREATE_TABLE=false``, another key schema, bad credentials) are final."""
+    backoff = 0.5
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            return await call()
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "unknown")
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+            if code not in _RETRYABLE_CODES and status < 500:
+                raise
+            error = code
+        except (BotoCoreError, OSError) as exc:
+            error = repr(exc)
+        metrics.ERRORS.labels(kind="ddb_unreachable").inc()
+        log.warning("ddb_not_ready", step=step, attempt=attempt, error=error, retry_in_s=backoff)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), backoff)
+        if stop.is_set():
+            raise StoppedError(f"stopped before DynamoDB answered ({step})")
+        backoff = min(backoff * 2, 5.0)
 
 
 @dataclass(slots=True, frozen=True)

@@ -12,6 +12,7 @@ import pytest
 from services.common import broker
 from services.common.settings import CommonSettings
 from services.common.subjects import RAW_STREAM, TICKS_STREAM
+from services.devstack.ports import free_port
 from services.devstack.servers import NatsServer
 from tests.support.frames import ticker
 from tests.support.procs import ServiceProcess
@@ -62,3 +63,33 @@ async def test_sigterm_mid_stream_exits_0_with_acks_matching_output(
     assert info.ack_floor.stream_seq == ticks > 0
     assert any(e["event"] == "service_stopped" for e in normalizer.events())
     await nc.close()
+
+
+@pytest.mark.parametrize("service", ["ingestor", "normalizer", "snapshotter", "gateway"])
+async def test_sigterm_while_nats_was_never_reachable_exits_0(
+    service: str, service_logs: Path, spawn: list[ServiceProcess]
+) -> None:
+    """A service started while NATS is down waits for it (nats-py retries for ever), and
+    SIGTERM still stops it at once with exit 0, saying why. (All four ignored SIGTERM: the
+    stop request was only looked at between connect attempts, and there were none.)"""
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    proc = ServiceProcess(
+        service,
+        {
+            "NATS_URLS": f"nats://127.0.0.1:{free_port()}",
+            "METRICS_PORT": "0",
+            "GATEWAY_PORT": str(free_port()),
+            "COINBASE_WS_URL": f"ws://127.0.0.1:{free_port()}/",
+            "DDB_ENDPOINT_URL": nowhere,
+            "S3_ENDPOINT_URL": nowhere,
+        },
+        service_logs,
+    )
+    spawn.append(proc.start())
+    await proc.wait_for_event("nats_error", timeout=30)  # trying, and failing
+    started = time.monotonic()
+    code = await proc.terminate(timeout=20)
+    assert code == 0, proc.tail()
+    assert time.monotonic() - started < 5
+    stopped = [e for e in proc.events() if e["event"] == "stopped_before_ready"]
+    assert stopped and "NATS" in stopped[0]["reason"], proc.tail()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import subprocess
@@ -263,6 +264,45 @@ async def test_dynamodb_and_s3_outages_lose_nothing_and_snapshots_resume(
     events = [e.get("event") for e in proc.events()]
     assert "snapshot_failed" in events, (proc.log_path, events[-30:])
     assert any(e.get("event") == "ddb_write_retry" for e in proc.events())
+    assert await proc.terminate() == 0
+
+
+async def test_started_before_dynamodb_and_s3_it_waits_then_catches_up(
+    own_stack: DevStack, nc: NATS, service_logs: Path, spawn: list[ServiceProcess]
+) -> None:
+    """Started while DynamoDB and S3 are down (compose bringing them up after it, or a
+    restart): the snapshotter waits for them, saying so, instead of exiting; once they are
+    up it starts, and the table and snapshots hold every tick published meanwhile."""
+    table, bucket = f"t-{uuid.uuid4().hex[:8]}", f"b-{uuid.uuid4().hex[:8]}"
+    own_stack.dynamodb.stop()
+    own_stack.s3.stop()
+    try:
+        proc = ServiceProcess("snapshotter", _env(own_stack, table, bucket), service_logs)
+        spawn.append(proc.start())
+        await proc.wait_for_event("ddb_not_ready", timeout=60)
+        await _publish(
+            nc, own_stack.nats.url, [_tick(p, s) for s in range(1, 30) for p in PRODUCTS]
+        )
+        await proc.wait_for_event("ddb_not_ready", timeout=30)
+        assert proc.proc is not None and proc.proc.poll() is None, proc.tail()
+    finally:
+        own_stack.dynamodb.start()
+        own_stack.s3.start()
+    await proc.wait_for_event("snapshotter_started", timeout=60)
+    await wait_consumer_idle(nc.jetstream(), TICKS_STREAM, "snapshotter", timeout=90)
+    assert await _table(own_stack, table) == await _truth(nc)
+    last_seq = (await nc.jetstream().stream_info(TICKS_STREAM)).state.last_seq
+    deadline = time.monotonic() + 30
+    async with _s3(own_stack) as s3:
+        while True:
+            with contextlib.suppress(s3.exceptions.NoSuchKey, s3.exceptions.NoSuchBucket):
+                body = await (await s3.get_object(Bucket=bucket, Key="snapshots/latest.json"))[
+                    "Body"
+                ].read()
+                if json.loads(body)["stream_seq"] == last_seq:
+                    break
+            assert time.monotonic() < deadline, "no snapshot after S3 came up"
+            await asyncio.sleep(0.3)
     assert await proc.terminate() == 0
 
 
