@@ -31,7 +31,7 @@ from nats.js.api import (
 )
 
 from services.common import metrics
-from services.common.errors import StoppedError, StreamConfigError
+from services.common.errors import BrokerError, StoppedError, StreamConfigError
 from services.common.logging import get_logger
 from services.common.publisher import PendingPublish as PendingPublish  # re-exported
 from services.common.publisher import Publisher as Publisher  # re-exported
@@ -52,10 +52,15 @@ _DRAIN_WAIT_S = 0.005  # how long a fetch waits for more once it has a first mes
 
 
 async def connect(
-    settings: CommonSettings, *, name: str, stop: asyncio.Event | None = None
+    settings: CommonSettings,
+    *,
+    name: str,
+    stop: asyncio.Event | None = None,
+    give_up_after_s: float | None = None,
 ) -> NATS:
     """Connect to the first reachable server of ``NATS_URLS``, retrying until one answers;
-    :class:`StoppedError` if ``stop`` is set first.
+    :class:`StoppedError` if ``stop`` is set first, :class:`BrokerError` once
+    ``give_up_after_s`` have passed (command-line tools: an operator waits for an answer).
 
     Once connected, nats-py reconnects on its own forever; while it is away, publishes
     queue in its pending buffer and our bounded publisher window applies backpressure.
@@ -69,6 +74,8 @@ async def connect(
         if not connected_once:
             return  # a connect abandoned on stop: nothing was connected
         metrics.NATS_CONNECTED.set(0)
+        if nc.is_closed:
+            return  # our own close at stop, not a lost connection
         metrics.NATS_DISCONNECTS.inc()
         log.warning("nats_disconnected")
 
@@ -97,17 +104,21 @@ async def connect(
     # answers (each failure reported through on_error): race it against the stop request,
     # or a service started while NATS is down would ignore SIGTERM.
     connecting = asyncio.ensure_future(nc.connect(**options))
-    if stop is not None:
-        stopping = asyncio.ensure_future(stop.wait())
-        await asyncio.wait((connecting, stopping), return_when=asyncio.FIRST_COMPLETED)
+    stopping = asyncio.ensure_future(stop.wait()) if stop is not None else None
+    waiting = {connecting} if stopping is None else {connecting, stopping}
+    await asyncio.wait(waiting, timeout=give_up_after_s, return_when=asyncio.FIRST_COMPLETED)
+    if stopping is not None:
         stopping.cancel()
-        if not connecting.done():
-            connecting.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await connecting
-            with contextlib.suppress(Exception):
-                await nc.close()
-            raise StoppedError(f"stopped before NATS was reachable at {', '.join(urls)}")
+    if not connecting.done():
+        connecting.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await connecting
+        with contextlib.suppress(Exception):
+            await nc.close()
+        where = ", ".join(urls)
+        if stop is not None and stop.is_set():
+            raise StoppedError(f"stopped before NATS was reachable at {where}")
+        raise BrokerError(f"NATS not reachable at {where} within {give_up_after_s:g} s")
     await connecting
     connected_once = True
     metrics.NATS_CONNECTED.set(1)

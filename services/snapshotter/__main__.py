@@ -11,11 +11,14 @@ from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 import aioboto3
+import nats.errors
+from botocore.exceptions import BotoCoreError, ClientError
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy
 
 from services.common import broker
-from services.common.lifecycle import EXIT_CONFIG, run_service
+from services.common.errors import LedgerFluxError
+from services.common.lifecycle import EXIT_CONFIG, EXIT_FAILED, run_service
 from services.common.logging import configure_logging, get_logger
 from services.common.pull import DirectPull, TrackedPull
 from services.common.settings import ConfigError
@@ -31,6 +34,7 @@ if TYPE_CHECKING:
     from types_aiobotocore_dynamodb import DynamoDBClient
 
 log = get_logger(__name__)
+EXIT_INTERRUPTED = 130  # the shell's code for a command ended by Ctrl-C
 
 
 async def main(settings: SnapshotterSettings, stop: asyncio.Event) -> None:
@@ -126,7 +130,15 @@ def _tool(argv: list[str]) -> int:
     action: Callable[[SnapshotterSettings, str | None], Coroutine[Any, Any, int]] = (
         restore if command == "restore" else verify
     )
-    return asyncio.run(action(settings, key))
+    try:
+        return asyncio.run(action(settings, key))
+    except KeyboardInterrupt:
+        print(f"{command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (LedgerFluxError, BotoCoreError, ClientError, nats.errors.Error, OSError) as exc:
+        # an unreachable or refusing server is an answer for the operator, not a traceback
+        print(f"{command} failed: {exc}", file=sys.stderr)
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

@@ -176,7 +176,11 @@ async def restore(settings: SnapshotterSettings, key: str | None) -> int:
         )
         return 2
     session = aioboto3.Session()
-    nc = await broker.connect(settings, name="ledgerflux-snapshotter-restore")
+    nc = await broker.connect(
+        settings,
+        name="ledgerflux-snapshotter-restore",
+        give_up_after_s=settings.nats_connect_timeout_s,
+    )
     try:
         js = nc.jetstream()
         async with session.client("dynamodb", **ddb_client_kwargs(settings)) as ddb:  # type: ignore[call-overload]
@@ -219,7 +223,11 @@ async def _wipe_owned(ddb: DynamoDBClient, settings: SnapshotterSettings) -> int
 
 async def verify(settings: SnapshotterSettings, key: str | None) -> int:
     session = aioboto3.Session()
-    nc = await broker.connect(settings, name="ledgerflux-snapshotter-verify")
+    nc = await broker.connect(
+        settings,
+        name="ledgerflux-snapshotter-verify",
+        give_up_after_s=settings.nats_connect_timeout_s,
+    )
     try:
         js = nc.jetstream()
         progress = Progress("verify: reading MD_TICKS, DynamoDB, S3", 3)
