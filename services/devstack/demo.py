@@ -20,7 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from services.devstack.ports import is_port_free
 from services.devstack.stack import DevStack
+from services.ingestor.settings import IngestorSettings
+from services.normalizer.settings import NormalizerSettings
+from services.snapshotter.settings import SnapshotterSettings
 
 _PR_SET_PDEATHSIG = 1
 SERVICE_ORDER = ("ingestor", "normalizer", "snapshotter", "gateway")
@@ -101,13 +105,45 @@ class Demo:
         env.setdefault("GATEWAY_PORT", str(o.gateway_port))
         return env
 
+    def service_ports(self, env: dict[str, str]) -> list[tuple[str, int]]:
+        """The ports the demo's own processes will listen on, with the setting naming each."""
+        ports = [("GATEWAY_PORT (the gateway)", int(env["GATEWAY_PORT"]))]
+        if not self.options.live:
+            ports.append(("feedsim (the simulated Coinbase feed)", self.options.feed_port))
+        for name, settings_cls in (
+            ("ingestor", IngestorSettings),
+            ("normalizer", NormalizerSettings),
+            ("snapshotter", SnapshotterSettings),
+        ):
+            default = settings_cls.model_fields["metrics_port"].default
+            port = int(env.get("METRICS_PORT", default))
+            if port:
+                ports.append((f"METRICS_PORT (the {name}'s /metrics)", port))
+        return ports
+
+    def check_ports_free(self, env: dict[str, str]) -> None:
+        """Fail before starting anything if one of the services' ports is taken (a demo
+        already running, another program on 8080): one line naming port and setting, not
+        a service dying with a bind error after the stack came up."""
+        taken = [
+            f"{port} for {what}"
+            for what, port in self.service_ports(env)
+            if not is_port_free(port, "0.0.0.0")
+        ]
+        if taken:
+            raise DemoError(
+                f"port {', '.join(taken)} already in use: stop what listens there "
+                "(another `make demo`?) or choose other ports"
+            )
+
     def start(self) -> None:
         o = self.options
+        env = self.service_env()
+        self.check_ports_free(env)
         started = time.monotonic()
         print(f"starting the embedded stack under {o.root} ...", flush=True)
         self.stack.start()
         print(f"  servers ready in {time.monotonic() - started:.1f} s", flush=True)
-        env = self.service_env()
         if not o.live:
             feed_args = ["--host", "127.0.0.1", "--port", str(o.feed_port),
                          "--products", env["COINBASE_PRODUCTS"], "--rate", str(o.rate),

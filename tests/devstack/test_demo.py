@@ -3,7 +3,13 @@ above what the previous run stored, or the normalizer drops every tick as stale.
 
 from __future__ import annotations
 
-from services.devstack.demo import demo_sequence_base
+import socket
+from pathlib import Path
+
+import pytest
+
+from services.devstack.demo import DemoOptions, demo_sequence_base, run_demo
+from services.devstack.ports import free_port
 from services.feedsim.market import Market
 
 
@@ -21,3 +27,22 @@ def test_a_later_demo_starts_above_everything_an_earlier_one_emitted() -> None:
     )
     for product in products:
         assert later.models[product].sequence > first.models[product].sequence
+
+
+def test_a_taken_service_port_fails_before_anything_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Port 8080 taken (a demo already running, another program): one line naming the
+    port and its setting, before any server starts. It was the gateway dying with a bind
+    error after the whole stack had come up, its log tail mixed with an older run's."""
+    monkeypatch.setenv("METRICS_PORT", "0")
+    monkeypatch.delenv("GATEWAY_PORT", raising=False)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        options = DemoOptions(root=tmp_path, gateway_port=port, feed_port=free_port(), duration_s=1)
+        assert run_demo(options) == 1
+    err = capsys.readouterr().err
+    assert f"port {port} for GATEWAY_PORT (the gateway) already in use" in err
+    assert not (tmp_path / "nats").exists() and not (tmp_path / "logs").exists()
