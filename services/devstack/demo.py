@@ -67,6 +67,13 @@ class Child:
     name: str
     proc: subprocess.Popen[bytes]
     log: Path
+    log_offset: int  # where this run's lines start: the log is appended across runs
+
+    def log_tail(self, lines: int = 15) -> str:
+        with self.log.open("rb") as log:
+            log.seek(self.log_offset)
+            text = log.read().decode(errors="replace")
+        return "\n".join(text.splitlines()[-lines:])
 
 
 class Demo:
@@ -81,6 +88,7 @@ class Demo:
     def _spawn(self, name: str, args: list[str], env: dict[str, str]) -> Child:
         self.logs.mkdir(parents=True, exist_ok=True)
         log_path = self.logs / f"{name}.log"
+        offset = log_path.stat().st_size if log_path.exists() else 0
         with log_path.open("ab") as log:
             proc = subprocess.Popen(
                 [sys.executable, "-m", f"services.{name}", *args],
@@ -91,7 +99,7 @@ class Demo:
                 start_new_session=True,
                 preexec_fn=_die_with_parent,
             )
-        child = Child(name, proc, log_path)
+        child = Child(name, proc, log_path, offset)
         self.children.append(child)
         return child
 
@@ -175,8 +183,9 @@ class Demo:
         for child in self.children:
             code = child.proc.poll()
             if code is not None:
-                tail = "\n".join(child.log.read_text(errors="replace").splitlines()[-15:])
-                raise DemoError(f"{child.name} exited with {code}; last log lines:\n{tail}")
+                raise DemoError(
+                    f"{child.name} exited with {code}; last log lines:\n{child.log_tail()}"
+                )
 
     def stop(self) -> None:
         order = [c for n in ("feedsim", *SERVICE_ORDER) for c in self.children if c.name == n]

@@ -4,11 +4,13 @@ above what the previous run stored, or the normalizer drops every tick as stale.
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from services.devstack.demo import DemoOptions, demo_sequence_base, run_demo
+from services.devstack.demo import Child, DemoOptions, demo_sequence_base, run_demo
 from services.devstack.ports import free_port
 from services.feedsim.market import Market
 
@@ -46,3 +48,17 @@ def test_a_taken_service_port_fails_before_anything_starts(
     err = capsys.readouterr().err
     assert f"port {port} for GATEWAY_PORT (the gateway) already in use" in err
     assert not (tmp_path / "nats").exists() and not (tmp_path / "logs").exists()
+
+
+def test_a_dying_service_is_reported_with_this_runs_log_lines_only(tmp_path: Path) -> None:
+    """Service logs are appended across demo runs: the lines shown for a process that
+    died are its own, not the end of an earlier run's."""
+    log = tmp_path / "gateway.log"
+    log.write_text("earlier run: stopped cleanly\n" * 20)
+    offset = log.stat().st_size
+    with log.open("a") as out:
+        out.write('{"event": "config_error"}\n')
+    proc = subprocess.Popen([sys.executable, "-c", "raise SystemExit(2)"])
+    proc.wait()
+    child = Child("gateway", proc, log, offset)
+    assert child.log_tail() == '{"event": "config_error"}'
