@@ -22,7 +22,7 @@ from bench.report import RESULTS, write_report
 # (scenario, full arguments, quick arguments)
 SCENARIOS: list[tuple[str, list[str], list[str]]] = [
     ("normalize", [], ["--frames", "10000", "--service-frames", "20000", "--repeats", "3"]),
-    ("snapshotter", [], ["--ticks", "100000", "--naive-s", "3"]),  # fewer: JVM warm-up dominates
+    ("snapshotter", [], ["--ticks", "100000", "--naive-s", "3"]),  # quick: the ramp dominates
     ("pipeline", [], ["--rates", "1000", "5000", "--seconds", "5"]),
     ("fanout", [], ["--quick"]),
     ("recovery", [], ["--quick"]),
