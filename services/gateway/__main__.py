@@ -15,10 +15,13 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from services.common.aio import watch_loop_lag
 from services.common.lifecycle import run_service
+from services.common.logging import get_logger
 from services.gateway.app import GatewayState, create_app
 from services.gateway.frames import FrameWriterProtocol
 from services.gateway.settings import GatewaySettings
 from services.gateway.uvicorn_logs import UvicornLogFilter
+
+log = get_logger(__name__)
 
 
 class _Server(uvicorn.Server):
@@ -46,6 +49,18 @@ async def _drop_unfinished_handshakes(
                 protocol.transport.close()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), min(1.0, timeout_s / 2))
+
+
+async def _announce_when_listening(
+    server: uvicorn.Server, port: int, served: asyncio.Event
+) -> None:
+    """``gateway_started`` once uvicorn listens (it binds after the lifespan start-up, and
+    may fail to: a port in use), so the line means clients can connect."""
+    while not server.started:
+        if served.is_set():
+            return
+        await asyncio.sleep(0.02)
+    log.info("gateway_started", port=port)
 
 
 async def main(settings: GatewaySettings, stop: asyncio.Event) -> None:
@@ -91,6 +106,7 @@ async def main(settings: GatewaySettings, stop: asyncio.Event) -> None:
         tg.create_task(state.hub.run_flusher(settings.ws_batch_flush_ms / 1000, served))
         tg.create_task(state.limiter.run(served))
         tg.create_task(watch_loop_lag(served))
+        tg.create_task(_announce_when_listening(server, settings.gateway_port, served))
         tg.create_task(_drop_unfinished_handshakes(server, settings.ws_handshake_timeout_s, served))
         try:
             await server.serve()

@@ -87,8 +87,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        # state.start ran before uvicorn (see __main__): the port opens once NATS is there
-        log.info("gateway_started", port=settings.gateway_port)
+        # state.start ran before uvicorn, and gateway_started is logged once the port
+        # listens (see __main__): uvicorn binds after this start-up half
         yield
         state.begin_shutdown()
         await state.stop()

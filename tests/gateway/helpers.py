@@ -62,7 +62,7 @@ class Gateway:
     async def start(self) -> Self:
         self.proc.start()
         await self.proc.wait_for_event("gateway_started", timeout=60)
-        # the lifespan logs gateway_started just before uvicorn binds: wait for the socket
+        # gateway_started comes once uvicorn listens; /healthz answering is the proof
         deadline = time.monotonic() + 10
         while True:
             try:
