@@ -12,6 +12,10 @@ class StoppedError(LedgerFluxError):
     0 (nothing was taken, so nothing is left to finish)."""
 
 
+class PortUnavailableError(LedgerFluxError):
+    """A port the service must listen on is taken: an operator error (exit 2, one line)."""
+
+
 class BrokerError(LedgerFluxError):
     """NATS/JetStream failed in a way the caller must handle (retry, nak, stop)."""
 

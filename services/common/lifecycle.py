@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Sequence
 import uvloop
 
 from services.common.aio import watch_gc_pauses
-from services.common.errors import StoppedError
+from services.common.errors import PortUnavailableError, StoppedError
 from services.common.logging import configure_logging, get_logger
 from services.common.metrics import start_metrics_server, stop_metrics_server
 from services.common.settings import CommonSettings, ConfigError
@@ -72,6 +72,9 @@ async def _supervise[S: CommonSettings](
         await main(settings, stop)
     except StoppedError as exc:
         log.warning("stopped_before_ready", reason=str(exc))
+    except PortUnavailableError as exc:
+        log.error("port_unavailable", error=str(exc))
+        return EXIT_CONFIG
     except Exception:
         log.exception("service_failed")
         return EXIT_FAILED

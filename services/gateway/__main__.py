@@ -14,6 +14,7 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from services.common.aio import watch_loop_lag
+from services.common.errors import PortUnavailableError
 from services.common.lifecycle import run_service
 from services.common.logging import get_logger
 from services.gateway.app import GatewayState, create_app
@@ -110,12 +111,16 @@ async def main(settings: GatewaySettings, stop: asyncio.Event) -> None:
         tg.create_task(_drop_unfinished_handshakes(server, settings.ws_handshake_timeout_s, served))
         try:
             await server.serve()
+        except SystemExit:
+            pass  # uvicorn exits when it cannot bind; its error line says why (below: exit 2)
         finally:
             served.set()
             watcher.cancel()
-        await state.limiter.close()
-        if not server.started:
-            raise RuntimeError("gateway failed to start (see the log above)")
+    await state.limiter.close()
+    if not server.started:
+        raise PortUnavailableError(
+            f"GATEWAY_PORT {settings.gateway_host}:{settings.gateway_port} could not be bound"
+        )
 
 
 if __name__ == "__main__":

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import socket
 
 import pytest
 
+from services.devstack.servers import NatsServer
 from tests.gateway.conftest import StartGateway
 from tests.gateway.helpers import Client, Feed
+from tests.support.procs import run_to_exit
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -33,3 +37,23 @@ async def test_sigterm_closes_clients_with_1001_after_flushing_and_exits_0(
         assert [t["seq"] for t in client.ticks("BTC-USD")] == list(range(2, 40))
     events = [e["event"] for e in gateway.proc.events()]
     assert "service_stopped" in events
+
+
+def test_a_taken_port_is_one_line_and_exit_2(nats_server: NatsServer) -> None:
+    """GATEWAY_PORT in use is an operator error like a taken METRICS_PORT: exit 2 with
+    ``port_unavailable`` naming it, no traceback and no ``gateway_started`` (it was
+    uvicorn's own exit 3, after a 'started' line)."""
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = run_to_exit(
+            "gateway",
+            {"NATS_URLS": nats_server.url, "GATEWAY_PORT": str(port), "METRICS_PORT": "0"},
+        )
+    assert done.returncode == 2, done.stderr[-2000:]
+    events = [json.loads(line) for line in done.stderr.splitlines() if line.startswith("{")]
+    failed = [e for e in events if e["event"] == "port_unavailable"]
+    assert failed and f"0.0.0.0:{port}" in failed[0]["error"]
+    assert not [e for e in events if e["event"] in ("gateway_started", "service_failed")]
+    assert "Traceback" not in done.stdout + done.stderr
