@@ -154,8 +154,7 @@ class FeedSession:
         except TimeoutError:
             raise FeedStalledError(timeout) from None
         except ConnectionClosed as exc:
-            rcvd = exc.rcvd
-            raise FeedClosedError(rcvd.code if rcvd else None, rcvd.reason if rcvd else "") from exc
+            raise _closed(exc) from exc
 
     def on_frame(self, data: bytes, recv_ns: int) -> None:
         if self.recorder is not None:
@@ -257,6 +256,11 @@ class FeedSession:
         )
 
 
+def _closed(exc: ConnectionClosed) -> FeedClosedError:
+    rcvd = exc.rcvd
+    return FeedClosedError(rcvd.code if rcvd else None, rcvd.reason if rcvd else "")
+
+
 def _metric_reason(reason: str) -> str:
     """Bounded label values: product names in reasons would explode the series count."""
     if "is not a valid product" in reason:
@@ -290,7 +294,10 @@ async def run_feed(
                 max_queue=settings.feed_max_queue,
             ) as ws:
                 # Coinbase drops a connection that has not subscribed within 5 s.
-                await ws.send(subscribe)
+                try:
+                    await ws.send(subscribe)
+                except ConnectionClosed as exc:  # closed as soon as it opened
+                    raise _closed(exc) from exc
                 session.begin()
                 log.info("feed_connected", url=settings.coinbase_ws_url)
                 helpers = [

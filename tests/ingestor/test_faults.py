@@ -4,8 +4,13 @@ hold and what the ingestor counted."""
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import hashlib
 import itertools
 import json
+import re
+import time
 from pathlib import Path
 
 import pytest
@@ -295,3 +300,59 @@ async def test_malformed_frames_are_dead_lettered(
     # stored before it) becomes a tick marked "resync": true
     resyncs_raw = [m for m in raw if m.is_resync]
     assert len(resync_ticks) == len(resyncs_raw)
+
+
+async def test_a_feed_closing_right_after_the_handshake_is_reconnected(
+    nats_server: NatsServer, service_logs: Path, spawn: list[ServiceProcess]
+) -> None:
+    """A server that completes the upgrade and closes at once (an exchange shedding load,
+    a proxy): the subscribe the ingestor sends meets a closed connection. That is one more
+    feed close to count and reconnect after; it was an exception out of the feed loop that
+    ended the ingestor (exit 1)."""
+    accepted = 0
+
+    async def upgrade_then_close(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        nonlocal accepted
+        request = await reader.readuntil(b"\r\n\r\n")
+        match = re.search(rb"(?i)sec-websocket-key:\s*(\S+)", request)
+        assert match is not None
+        accept = base64.b64encode(hashlib.sha1(match.group(1) + _WS_GUID).digest())
+        accepted += 1
+        writer.write(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n"
+            b"\x88\x02\x03\xe8"  # and in the same segment a close frame, code 1000
+        )
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(upgrade_then_close, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    ingestor = ServiceProcess(
+        "ingestor",
+        {
+            "NATS_URLS": nats_server.url,
+            "COINBASE_WS_URL": f"ws://127.0.0.1:{port}",
+            "COINBASE_REST_URL": f"http://127.0.0.1:{port}",
+            "COINBASE_PRODUCTS": "BTC-USD",
+            "METRICS_PORT": "0",
+            "RECONNECT_INITIAL_S": "0.1",
+            "RECONNECT_MAX_S": "0.3",
+        },
+        service_logs,
+    )
+    spawn.append(ingestor.start())
+    async with server:
+        deadline = time.monotonic() + 30
+        while accepted < 4:
+            assert ingestor.proc is not None and ingestor.proc.poll() is None, ingestor.tail()
+            assert time.monotonic() < deadline, f"{accepted} connections; {ingestor.tail()}"
+            await asyncio.sleep(0.05)
+    events = [e["event"] for e in ingestor.events()]
+    assert "feed_closed" in events and "service_failed" not in events, ingestor.tail()
+    assert await ingestor.terminate() == 0
+
+
+_WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455
