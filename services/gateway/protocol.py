@@ -84,6 +84,13 @@ def _request_id(data: bytes | str) -> object:
         return None
 
 
+def request_id_of(data: bytes | str) -> str | int | None:
+    """The ``id`` of a frame not otherwise read (a rate-limited command), if it has one of
+    the accepted types: the client can tell which request was refused."""
+    found = _request_id(data)
+    return found if isinstance(found, str | int) else None
+
+
 @dataclass(frozen=True, slots=True)
 class BackfillSpec:
     """One validated backfill request: exactly one of its three forms."""

@@ -40,6 +40,7 @@ from services.gateway.protocol import (
     decode_command,
     encode,
     error,
+    request_id_of,
     snapshot_message,
 )
 from services.gateway.ratelimit import TokenBucket
@@ -148,7 +149,8 @@ async def run_session(ws: WebSocket, conn: ClientConnection, ctx: SessionContext
 async def _read(ws: WebSocket, conn: ClientConnection, ctx: SessionContext) -> None:
     settings = ctx.settings
     commands = TokenBucket(settings.ws_cmds_per_sec, settings.ws_cmd_burst)
-    strikes = 0
+    strikes = 0  # rate-limited commands since strikes_since: flooding is persistent
+    strikes_since = 0.0  # when they keep coming within WS_FLOOD_WINDOW_S
     while conn.close_code is None:
         try:
             message = await ws.receive()
@@ -165,12 +167,15 @@ async def _read(ws: WebSocket, conn: ClientConnection, ctx: SessionContext) -> N
             conn.request_close(CLOSE_TOO_BIG, "frame too big")
             return
         if not commands.take():
+            now = time.monotonic()
+            if now - strikes_since > settings.ws_flood_window_s:
+                strikes, strikes_since = 0, now
             strikes += 1
             if strikes >= settings.ws_flood_strikes:
                 log.warning("command_flood", strikes=strikes)
                 conn.request_close(CLOSE_POLICY, "command flood")
                 return
-            _error(conn, "rate_limited", "too many commands; slow down", None)
+            _error(conn, "rate_limited", "too many commands; slow down", request_id_of(data))
             continue
         try:
             command = decode_command(data)
@@ -186,7 +191,15 @@ async def handle_command(command: Command, conn: ClientConnection, ctx: SessionC
         case Subscribe():
             await _subscribe(command, conn, ctx)
         case Unsubscribe(products=products, id=request_id):
-            for product in products:
+            if not products:
+                raise BadCommandError("products must not be empty", request_id)
+            unknown = [p for p in products if not is_valid_product(p) or not ctx.hub.serves(p)]
+            if unknown:
+                _error(
+                    conn, "unknown_product", f"not served: {', '.join(unknown[:20])}", request_id
+                )
+                return
+            for product in products:  # one never subscribed is already unsubscribed: fine
                 ctx.hub.unsubscribe(conn, product)
             conn.send_control(
                 encode({"type": "unsubscribed", "products": products, "id": request_id}),
@@ -218,6 +231,8 @@ async def _subscribe(command: Subscribe, conn: ClientConnection, ctx: SessionCon
             f"already subscribed to {', '.join(again[:20])}: unsubscribe before a backfill",
             command.id,
         )
+    # already live: a second snapshot could repeat a seq the client has (order breaks)
+    live_already = conn.products.intersection(products)
     # Register every product for live ticks before anything else, without an await in
     # between: the snapshot (or backfill) and the live stream then meet with no gap.
     latest: dict[str, LiveTick | None] = {}
@@ -230,6 +245,8 @@ async def _subscribe(command: Subscribe, conn: ClientConnection, ctx: SessionCon
     )
     if spec is None:
         for product, snapshot in latest.items():
+            if product in live_already:
+                continue
             if command.snapshot:
                 conn.send_control(
                     snapshot_message(product, snapshot.data if snapshot else None), "snapshot"

@@ -27,7 +27,12 @@ class GatewaySettings(CommonSettings):
     ws_slow_consumer_s: float = Field(default=5.0, gt=0)
     ws_cmds_per_sec: float = Field(default=20.0, gt=0, description="Inbound command rate")
     ws_cmd_burst: int = Field(default=40, ge=1)
-    ws_flood_strikes: int = Field(default=50, ge=1, description="Rate-limited commands → 1008")
+    ws_flood_strikes: int = Field(
+        default=50, ge=1, description="Rate-limited commands within WS_FLOOD_WINDOW_S → 1008"
+    )
+    ws_flood_window_s: float = Field(
+        default=10.0, gt=0, description="Window in which WS_FLOOD_STRIKES count as flooding"
+    )
     metrics_port: int = Field(default=0, ge=0, le=65535, description="/metrics is on the HTTP port")
 
     # keepalive: uvicorn pings every interval; no pong within the timeout closes with 1011

@@ -276,8 +276,8 @@ AttackFn = Callable[[AttackPlan, Control, Tally], Awaitable[None]]
 
 
 async def flood(plan: AttackPlan, control: Control, tally: Tally) -> None:
-    """Commands as fast as the socket takes them: ``rate_limited`` errors (id null), then the
-    WS_FLOOD_STRIKES-th rate-limited command closes with 1008."""
+    """Commands as fast as the socket takes them: ``rate_limited`` errors (with the refused
+    command's id), then the WS_FLOOD_STRIKES-th rate-limited command closes with 1008."""
     key = plan.keys["flood"]
     while await control.checkpoint():
         tally.cycles += 1
@@ -296,7 +296,9 @@ async def flood(plan: AttackPlan, control: Control, tally: Tally) -> None:
         tally.seen("error:rate_limited", sum(m.get("code") == "rate_limited" for m in limited))
         if outcome != "close:1008":
             tally.wrong(f"flood ended with {outcome}")
-        if any(m.get("code") != "rate_limited" or m.get("id") is not None for m in limited):
+        if any(
+            m.get("code") != "rate_limited" or not isinstance(m.get("id"), int) for m in limited
+        ):  # each refusal names the refused command (ids are the command numbers)
             tally.wrong(f"flood got other errors: {limited[:3]}")
         if len(limited) != plan.flood_strikes - 1:
             tally.wrong(f"{len(limited)} rate_limited errors, not {plan.flood_strikes - 1}")

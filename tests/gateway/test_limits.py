@@ -9,7 +9,7 @@ import json
 import os
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from itertools import pairwise
 
 import pytest
@@ -70,6 +70,7 @@ ABUSE_ENV = {
     "WS_CMDS_PER_SEC": "5",
     "WS_CMD_BURST": "5",
     "WS_FLOOD_STRIKES": "10",
+    "WS_FLOOD_WINDOW_S": "1",
     "WS_SEND_QUEUE": "16",
     "WS_SLOW_CONSUMER_S": "0.5",
     "WS_MAX_MSGS_PER_SEC": "1000000",
@@ -112,7 +113,34 @@ async def test_a_command_flood_gets_rate_limited_then_closed_with_1008(gw: Stack
     limited = [m for m in client.of_type("error") if m["code"] == "rate_limited"]
     assert 5 <= len(pongs) < 40
     assert len(limited) == 9  # the tenth strike closes instead of answering
-    assert all(m["id"] is None for m in limited)
+    # each refusal names the refused request, none of those answered
+    refused = {m["id"] for m in limited}
+    assert len(refused) == 9 and refused <= set(range(40))
+    assert not refused & {m["id"] for m in pongs}
+
+
+def _all_answered(prefix: str, count: int) -> Callable[[Client], bool]:
+    """Whether ``count`` replies (pongs or errors) to the ids starting with ``prefix`` came."""
+    return lambda c: sum(str(m.get("id", "")).startswith(prefix) for m in c.messages) == count
+
+
+async def test_going_over_the_burst_now_and_then_is_not_flooding(gw: Stack) -> None:
+    """Strikes count as flooding only within WS_FLOOD_WINDOW_S (1 s here): a client that
+    exceeds its burst once in a while gets ``rate_limited`` each time and stays connected,
+    however many times that adds up to. (Strikes never expired: one command over the
+    burst a minute closed a connection with 1008 after 50 minutes.)"""
+    client = await Client.connect(gw.gateway.url)
+    assert (await client.recv())["type"] == "welcome"
+    for burst in range(4):  # 4 x 4 strikes: 16 > WS_FLOOD_STRIKES, never 10 in one window
+        for i in range(9):  # 5 answered from the bucket, 4 refused
+            await client.send({"op": "ping", "id": f"{burst}-{i}"})
+        await client.until(_all_answered(f"{burst}-", 9))
+        await asyncio.sleep(1.2)  # the window passes, the bucket refills
+    limited = [m for m in client.of_type("error") if m["code"] == "rate_limited"]
+    assert len(limited) >= 12
+    await client.send({"op": "ping", "id": "still-open"})
+    await client.until(lambda c: any(m["id"] == "still-open" for m in c.of_type("pong")))
+    await client.close()
 
 
 async def test_connections_over_ws_max_connections_are_closed_with_1013(gw: Stack) -> None:

@@ -128,6 +128,7 @@ BAD_REQUESTS: list[tuple[str, str | None]] = [
     (sub('"backfill": {"since_time": "2026-01-01T00:00:00"}, "id": "r8"'), "r8"),
     (sub('"backfill": {"last": 0}, "id": "r9"'), "r9"),
     (sub('"backfill": {}, "id": "r10"'), "r10"),
+    ('{"op": "unsubscribe", "products": [], "id": "r11"}', "r11"),
     ('{"op": "ping", "id": {"nested": true}}', None),
     ("[1, 2, 3]", None),
 ]
@@ -151,11 +152,16 @@ async def test_bad_input_gets_bad_request_with_its_id_and_the_connection_stays(
 
 async def test_unknown_product_is_refused_with_its_id(client: Client) -> None:
     """A product neither configured nor seen on MD_TICKS (or not a product id at all) gets
-    ``unknown_product``, and nothing is subscribed."""
-    for products in (["NOPE-USD"], ["BTC-USD", "NOPE-USD"], ["BAD.PRODUCT"], [""]):
-        await client.send({"op": "subscribe", "products": products, "id": "x"})
-        reply = await client.recv()
-        assert (reply["type"], reply["code"], reply["id"]) == ("error", "unknown_product", "x")
+    ``unknown_product``, and nothing is subscribed; unsubscribing one too (it was
+    acknowledged, echoing whatever was sent)."""
+    for op in ("subscribe", "unsubscribe"):
+        for products in (["NOPE-USD"], ["BTC-USD", "NOPE-USD"], ["BAD.PRODUCT"], [""]):
+            await client.send({"op": op, "products": products, "id": "x"})
+            reply = await client.recv()
+            assert (reply["type"], reply["code"], reply["id"]) == ("error", "unknown_product", "x")
+    # a served product that was never subscribed: already unsubscribed, so acknowledged
+    await client.send({"op": "unsubscribe", "products": ["BTC-USD"], "id": "y"})
+    assert await client.recv() == {"type": "unsubscribed", "products": ["BTC-USD"], "id": "y"}
 
 
 async def test_ten_thousand_products_get_too_many_subscriptions_and_the_socket_stays(
@@ -174,6 +180,30 @@ async def test_ten_thousand_products_get_too_many_subscriptions_and_the_socket_s
     assert (reply["type"], reply["code"], reply["id"]) == ("error", "too_many_subscriptions", "big")
     await client.send({"op": "subscribe", "products": ["BTC-USD"], "id": "small"})
     assert (await client.recv())["type"] == "subscribed"
+
+
+async def test_subscribing_again_sends_no_second_snapshot(gw: Stack, client: Client) -> None:
+    """A product subscribed twice: ``subscribed`` again, but no snapshot for it, since the
+    snapshot would repeat a seq the client already has; seqs keep strictly increasing."""
+    first = seqs(2)
+    await gw.feed.publish(("ETH-USD", s) for s in first)
+    await gw.gateway.wait_latest("ETH-USD", first[-1])
+    await client.send({"op": "subscribe", "products": ["ETH-USD"]})
+    await client.expect("subscribed")
+    assert (await client.expect("snapshot"))["tick"]["seq"] == first[-1]
+    live = seqs(1)
+    await gw.feed.publish(("ETH-USD", s) for s in live)
+    assert (await client.recv())["seq"] == live[0]
+    await client.send({"op": "subscribe", "products": ["ETH-USD", "BTC-USD"], "id": "again"})
+    assert await client.recv() == {
+        "type": "subscribed",
+        "products": ["ETH-USD", "BTC-USD"],
+        "id": "again",
+    }
+    assert (await client.recv())["product"] == "BTC-USD"  # the new product's snapshot only
+    more = seqs(2)
+    await gw.feed.publish(("ETH-USD", s) for s in more)
+    assert [(await client.recv())["seq"] for _ in more] == more
 
 
 async def test_backfill_for_an_already_subscribed_product_is_a_bad_request(
