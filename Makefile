@@ -53,6 +53,9 @@ infra-down: ## stop what infra-up started
 infra-status:
 	$(RUN) python -m services.devstack status
 
+infra-env: ## print the exports pointing services at infra-up's servers: eval "$(make -s infra-env)"
+	@$(RUN) python -m services.devstack env
+
 compose-up: ## infra in Docker: NATS, Redis, DynamoDB Local, MinIO, Prometheus, Grafana
 	@command -v docker >/dev/null && docker info >/dev/null 2>&1 || { echo "compose-up needs a running Docker engine; on this machine use 'make infra-up' (embedded servers) instead"; exit 1; }
 	docker compose -f docker/docker-compose.yaml up -d
@@ -65,8 +68,14 @@ compose-ps:
 	@command -v docker >/dev/null && docker info >/dev/null 2>&1 || { echo "compose-ps needs a running Docker engine"; exit 1; }
 	docker compose -f docker/docker-compose.yaml ps
 
+# sequences from the clock (µs since 2024, as `make demo` does): above every sequence an
+# earlier run left in MD_TICKS, which the normalizer would otherwise drop as stale
 run-feedsim: ## Coinbase-compatible simulated feed on :8765
-	$(RUN) python -m services.feedsim --products "$(FEED_PRODUCTS)" --rate $(FEED_RATE)
+	$(RUN) python -m services.feedsim --products "$(FEED_PRODUCTS)" --rate $(FEED_RATE) \
+		--sequence-base $$(( $$(date +%s%6N) - 1704067200000000 ))
+
+# by hand, the ingestor and gateway carry feedsim's products unless COINBASE_PRODUCTS says
+run-ingestor run-gateway: export COINBASE_PRODUCTS ?= $(FEED_PRODUCTS)
 
 run-ingestor: ## Coinbase (COINBASE_WS_URL) → MD_RAW
 	$(RUN) python -m services.ingestor
