@@ -8,6 +8,7 @@ Local; ``demo`` runs the servers, feedsim and the four services until Ctrl-C.
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -84,6 +85,7 @@ def _demo(args: argparse.Namespace) -> int:
         faults=args.faults,
         products=products,
         live=args.live,
+        gateway_port=int(os.environ.get("GATEWAY_PORT", "8080")),
         duration_s=args.duration,
     )
     return run_demo(options)

@@ -110,7 +110,10 @@ class Demo:
         if not o.live:
             env["COINBASE_WS_URL"] = f"ws://127.0.0.1:{o.feed_port}"
             env["COINBASE_REST_URL"] = f"http://127.0.0.1:{o.feed_port}"
-        env.setdefault("GATEWAY_PORT", str(o.gateway_port))
+        env["GATEWAY_PORT"] = str(o.gateway_port)  # the port the demo polls and prints
+        # one METRICS_PORT for three services would make two of them fail to bind: in the
+        # demo each keeps its own (9101-9103)
+        env.pop("METRICS_PORT", None)
         return env
 
     def service_ports(self, env: dict[str, str]) -> list[tuple[str, int]]:
@@ -123,10 +126,8 @@ class Demo:
             ("normalizer", NormalizerSettings),
             ("snapshotter", SnapshotterSettings),
         ):
-            default = settings_cls.model_fields["metrics_port"].default
-            port = int(env.get("METRICS_PORT", default))
-            if port:
-                ports.append((f"METRICS_PORT (the {name}'s /metrics)", port))
+            port = settings_cls.model_fields["metrics_port"].default
+            ports.append((f"the {name}'s /metrics", port))
         return ports
 
     def check_ports_free(self, env: dict[str, str]) -> None:

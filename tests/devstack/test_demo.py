@@ -37,7 +37,6 @@ def test_a_taken_service_port_fails_before_anything_starts(
     """Port 8080 taken (a demo already running, another program): one line naming the
     port and its setting, before any server starts. It was the gateway dying with a bind
     error after the whole stack had come up, its log tail mixed with an older run's."""
-    monkeypatch.setenv("METRICS_PORT", "0")
     monkeypatch.delenv("GATEWAY_PORT", raising=False)
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
