@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import NoDecode
 
 from services.common.settings import CommonSettings
@@ -35,6 +35,14 @@ class SnapshotterSettings(CommonSettings):
         default=None, description="S3-compatible URL (MinIO, SeaweedFS); unset = AWS S3"
     )
     aws_region: str = "us-east-1"
+    # Read here (not only by boto from the process environment) so that a ``.env`` file
+    # works too; unset, boto's standard chain applies (instance role, profile, ...).
+    aws_access_key_id: str | None = Field(
+        default=None, description="Key id for local servers; unset = AWS's credential chain"
+    )
+    aws_secret_access_key: SecretStr | None = Field(
+        default=None, description="Secret for local servers; never logged"
+    )
     snapshot_period_ms: int = Field(default=5_000, gt=0)
     snapshot_retention: int = Field(default=100, ge=1, description="Snapshots kept in S3")
     snapshotter_durable: str | None = Field(

@@ -64,8 +64,17 @@ class Progress:
 # backoff, so an outage shows in logs and metrics instead of hiding in botocore's backoff.
 
 
+def _credentials(settings: SnapshotterSettings) -> dict[str, object]:
+    """Explicit keys when configured (env or ``.env``), else boto's own credential chain."""
+    key_id, secret = settings.aws_access_key_id, settings.aws_secret_access_key
+    if not key_id or secret is None:
+        return {}
+    return {"aws_access_key_id": key_id, "aws_secret_access_key": secret.get_secret_value()}
+
+
 def s3_client_kwargs(settings: SnapshotterSettings) -> dict[str, object]:
     return {
+        **_credentials(settings),
         "endpoint_url": settings.s3_endpoint_url,
         "region_name": settings.aws_region,
         "config": AioConfig(
@@ -79,6 +88,7 @@ def s3_client_kwargs(settings: SnapshotterSettings) -> dict[str, object]:
 
 def ddb_client_kwargs(settings: SnapshotterSettings) -> dict[str, object]:
     return {
+        **_credentials(settings),
         "endpoint_url": settings.ddb_endpoint_url,
         "region_name": settings.aws_region,
         "config": AioConfig(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -119,3 +120,26 @@ def test_config_errors_never_echo_urls_or_keys(monkeypatch: pytest.MonkeyPatch) 
         IngestorSettings.load([])
     assert "NATS_URLS" in str(excinfo.value)
     assert "hunter2" not in str(excinfo.value)
+
+
+def test_aws_keys_in_a_dotenv_file_reach_the_clients(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """README: copy .env.example to .env. Its AWS keys were read by nobody (boto reads the
+    process environment only), so DynamoDB and S3 calls went out unsigned or with other
+    keys. They are settings now, passed to both clients; unset, boto's chain applies."""
+    from services.snapshotter.settings import SnapshotterSettings
+    from services.snapshotter.tools import ddb_client_kwargs, s3_client_kwargs
+
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert "aws_access_key_id" not in ddb_client_kwargs(SnapshotterSettings.load([]))
+    (tmp_path / ".env").write_text("AWS_ACCESS_KEY_ID=local-id\nAWS_SECRET_ACCESS_KEY=s3cr3t\n")
+    settings = SnapshotterSettings.load([])
+    for kwargs in (ddb_client_kwargs(settings), s3_client_kwargs(settings)):
+        assert (kwargs["aws_access_key_id"], kwargs["aws_secret_access_key"]) == (
+            "local-id",
+            "s3cr3t",
+        )
+    assert "s3cr3t" not in repr(settings)
