@@ -165,6 +165,7 @@ class FeedSession:
             self._dead_letter(data, recv_ns, "unparseable", str(exc))
             return
         if frame.type in _CONTROL_TYPES:
+            metrics.CONTROL_FRAMES.labels(type=frame.type).inc()
             if self.staleness is not None:
                 self.staleness.seen_other(time.monotonic())
             self._on_control(frame)

@@ -29,6 +29,11 @@ DEAD_LETTERS = Counter(
 RECONNECTS = Counter(
     "ledgerflux_ingestor_reconnects_total", "Feed reconnections by cause", ["reason"]
 )
+CONTROL_FRAMES = Counter(
+    "ledgerflux_ingestor_control_frames_total",
+    "Feed messages that are not market data (subscriptions, error, status): not published",
+    ["type"],
+)
 FEED_ERRORS = Counter(
     "ledgerflux_ingestor_feed_errors_total",
     "error messages from the feed (rejected products/channels)",
@@ -140,3 +145,6 @@ def init_products(products: list[str]) -> None:
             FRAMES_PUBLISHED.labels(product=product, type=kind)
         for regression in ("duplicate", "stale"):
             REGRESSIONS.labels(product=product, kind=regression)
+
+for _control in ("subscriptions", "error", "status"):  # every series exists from the start
+    CONTROL_FRAMES.labels(type=_control)
