@@ -120,6 +120,9 @@ def _tool(argv: list[str]) -> int:
             return EXIT_CONFIG
         key = rest[at + 1]
         rest = rest[:at] + rest[at + 2 :]
+    elif given := [a for a in rest if a.startswith("--snapshot=")]:
+        key = given[0].split("=", 1)[1]
+        rest = [a for a in rest if a != given[0]]
     try:
         settings = SnapshotterSettings.load(rest, prog=f"python -m services.snapshotter {command}")
     except ConfigError as exc:

@@ -42,3 +42,18 @@ def test_dynamodb_or_s3_unreachable_is_one_line(command: str, nats_server: NatsS
     assert done.returncode == 1, done.stderr
     assert f"{command} failed: Could not connect to the endpoint URL" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    "form", [["--snapshot", "snapshots/k.json.gz"], ["--snapshot=snapshots/k.json.gz"]]
+)
+def test_both_forms_of_the_snapshot_flag_are_accepted(form: list[str]) -> None:
+    """``--snapshot KEY`` and ``--snapshot=KEY`` (the second was 'invalid command line')."""
+    url = f"nats://127.0.0.1:{free_port()}"
+    done = run_to_exit(
+        "snapshotter",
+        {**NOWHERE, "NATS_URLS": url, "NATS_CONNECT_TIMEOUT_S": "1"},
+        ["verify", *form],
+    )
+    assert done.returncode == 1, done.stderr
+    assert "verify failed: NATS not reachable" in done.stderr  # got past the flags
