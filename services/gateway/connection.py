@@ -32,6 +32,7 @@ from services.gateway.window import WindowBatch
 log = get_logger(__name__)
 
 CLOSE_GOING_AWAY = 1001
+CLOSE_ABNORMAL = 1006  # recorded, never sent: the socket went without a close frame
 CLOSE_POLICY = 1008
 CLOSE_TOO_BIG = 1009
 CLOSE_TRY_AGAIN = 1013
@@ -227,8 +228,11 @@ class ClientConnection:
         self.last_seq.pop(product, None)
         self.handover.pop(product, None)
 
-    def peer_gone(self) -> None:
-        """The socket is closed or failed: the writer stops without sending anything."""
+    def peer_gone(self, code: int = CLOSE_ABNORMAL) -> None:
+        """The socket is closed or failed: the writer stops without sending anything. The
+        close is recorded as ``code`` unless one was already (1006: no close frame)."""
+        if self.close_code is None:
+            self.close_code = code
         self.gone = True
         self.wakeup.set()
         self.drained.set()

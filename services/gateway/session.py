@@ -154,13 +154,12 @@ async def _read(ws: WebSocket, conn: ClientConnection, ctx: SessionContext) -> N
     while conn.close_code is None:
         try:
             message = await ws.receive()
-        except WebSocketDisconnect:
-            conn.peer_gone()
+        except WebSocketDisconnect as exc:
+            conn.peer_gone(exc.code)
             return
         if message["type"] == "websocket.disconnect":
             # uvicorn reports its own closes here too (1009 frame too big, 1011 keepalive)
-            conn.close_code = conn.close_code or int(message.get("code") or 1000)
-            conn.peer_gone()
+            conn.peer_gone(int(message.get("code") or 1000))
             return
         data: str | bytes = message.get("text") or message.get("bytes") or b""
         if len(data) > settings.ws_max_frame_bytes:

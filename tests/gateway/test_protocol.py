@@ -262,3 +262,30 @@ async def test_binary_frames_are_read_as_commands_too(gw: Stack) -> None:
         await ws.send(b'{"op": "ping", "id": "bin"}')
         reply = await asyncio.wait_for(ws.recv(), 5)
         assert isinstance(reply, str) and json.loads(reply) == {"type": "pong", "id": "bin"}
+
+
+async def test_disconnects_are_counted_by_how_the_client_left(gw: Stack) -> None:
+    """A close frame counts under its code; a socket dropped without one as abnormal: 1005
+    when the reader sees it first (uvicorn's 'no status'), 1006 when a write fails first
+    (that path recorded 1000)."""
+    name = "ledgerflux_gateway_disconnects_total"
+
+    def counts() -> dict[str, float]:
+        return {c: gw.gateway.metric(name, code=c) for c in ("1000", "1005", "1006")}
+
+    before = await asyncio.to_thread(counts)
+    polite = await Client.connect(gw.gateway.url)
+    await polite.recv()
+    await polite.ws.close(1000)
+    dropped = await Client.connect(gw.gateway.url)
+    await dropped.recv()
+    dropped.ws.transport.abort()  # RST, no close frame
+    deadline = asyncio.get_running_loop().time() + 10
+    while True:
+        now = await asyncio.to_thread(counts)
+        abnormal = now["1005"] + now["1006"] - before["1005"] - before["1006"]
+        if now["1000"] > before["1000"] and abnormal >= 1:
+            break
+        assert asyncio.get_running_loop().time() < deadline, (before, now)
+        await asyncio.sleep(0.05)
+    assert (now["1000"] - before["1000"], abnormal) == (1, 1)
