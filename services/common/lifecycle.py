@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import uvloop
 
-from services.common.aio import watch_gc_pauses
+from services.common.aio import watch_gc_pauses, watch_loop_lag
 from services.common.errors import PortUnavailableError, StoppedError
 from services.common.logging import configure_logging, get_logger
 from services.common.metrics import start_metrics_server, stop_metrics_server
@@ -68,6 +68,10 @@ async def _supervise[S: CommonSettings](
         log.error("metrics_port_unavailable", port=settings.metrics_port, error=str(exc))
         return EXIT_CONFIG
     log.info("service_starting", pid=os.getpid())
+    # every service's loop stalls are measured (ledgerflux_event_loop_lag_seconds): in the
+    # ingestor a stall is what makes Coinbase drop it as a slow consumer
+    lag_done = asyncio.Event()
+    lag_watch = asyncio.create_task(watch_loop_lag(lag_done))
     try:
         await main(settings, stop)
     except StoppedError as exc:
@@ -79,6 +83,8 @@ async def _supervise[S: CommonSettings](
         log.exception("service_failed")
         return EXIT_FAILED
     finally:
+        lag_done.set()
+        lag_watch.cancel()
         stop_metrics_server(metrics_server)
     log.info("service_stopped")
     return EXIT_OK

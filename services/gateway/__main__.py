@@ -13,7 +13,6 @@ from collections.abc import Generator
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from services.common.aio import watch_loop_lag
 from services.common.errors import PortUnavailableError
 from services.common.lifecycle import run_service
 from services.common.logging import get_logger
@@ -106,7 +105,6 @@ async def main(settings: GatewaySettings, stop: asyncio.Event) -> None:
         # still flush through the batch clock during shutdown
         tg.create_task(state.hub.run_flusher(settings.ws_batch_flush_ms / 1000, served))
         tg.create_task(state.limiter.run(served))
-        tg.create_task(watch_loop_lag(served))
         tg.create_task(_announce_when_listening(server, settings.gateway_port, served))
         tg.create_task(_drop_unfinished_handshakes(server, settings.ws_handshake_timeout_s, served))
         try:

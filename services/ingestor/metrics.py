@@ -146,5 +146,6 @@ def init_products(products: list[str]) -> None:
         for regression in ("duplicate", "stale"):
             REGRESSIONS.labels(product=product, kind=regression)
 
+
 for _control in ("subscriptions", "error", "status"):  # every series exists from the start
     CONTROL_FRAMES.labels(type=_control)
