@@ -69,6 +69,17 @@ async def until_ddb_answers[T](
         backoff = min(backoff * 2, 5.0)
 
 
+# cancellation reasons of a transaction that mean "too much at once", not a fault
+_THROTTLED_CANCELLATIONS = frozenset(
+    {
+        "ThrottlingError",
+        "ProvisionedThroughputExceeded",
+        "TransactionConflict",
+        "RequestLimitExceeded",
+    }
+)
+
+
 @dataclass(slots=True, frozen=True)
 class LatestTick:
     product: str
@@ -140,9 +151,18 @@ class LatestWriter:
                     items = await self._write(items)
             except ClientError as exc:
                 code = exc.response.get("Error", {}).get("Code", "unknown")
-                kind = "ddb_throttled" if code in _RETRYABLE_CODES else "ddb_error"
-                metrics.ERRORS.labels(kind=kind).inc()
-                log.warning("ddb_write_retry", items=len(items), code=code, backoff_s=backoff)
+                # a cancelled transaction says per item why: throttling shows there
+                causes = sorted(
+                    {r.get("Code", "None") for r in exc.response.get("CancellationReasons", [])}
+                    - {"None", "ConditionalCheckFailed"}
+                )
+                throttled = code in _RETRYABLE_CODES or any(
+                    cause in _THROTTLED_CANCELLATIONS for cause in causes
+                )
+                metrics.ERRORS.labels(kind="ddb_throttled" if throttled else "ddb_error").inc()
+                log.warning(
+                    "ddb_write_retry", items=len(items), code=code, causes=causes, backoff_s=backoff
+                )
             except (BotoCoreError, OSError) as exc:
                 metrics.ERRORS.labels(kind="ddb_unreachable").inc()
                 log.warning("ddb_write_retry", items=len(items), error=repr(exc), backoff_s=backoff)
@@ -187,10 +207,10 @@ class LatestWriter:
             raise exc  # no per-item verdict: retry the whole call
         codes = [reason.get("Code", "None") for reason in reasons]
         settled = sum(code == "ConditionalCheckFailed" for code in codes)
-        metrics.DDB_WRITES.labels(outcome="not_newer").inc(settled)
         left = [item for item, code in zip(items, codes, strict=True) if code == "None"]
         if settled + len(left) != len(items):  # throttled, conflicting, ...: retry after backoff
-            raise exc
+            raise exc  # (nothing counted yet: the retry settles these items again)
+        metrics.DDB_WRITES.labels(outcome="not_newer").inc(settled)
         return left
 
     def _update(self, item: LatestTick) -> UpdateTypeDef:
