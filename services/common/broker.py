@@ -306,19 +306,33 @@ async def fetch_batch(
 async def report_consumer_lag(
     js: JetStreamContext, stream: str, durable: str, stop: asyncio.Event, period_s: float = 2.0
 ) -> None:
-    """Export the consumer's pending (lag) and ack-pending counts until ``stop``."""
+    """Export the consumer's pending (lag) and ack-pending counts until ``stop``.
+
+    While they cannot be read the gauges hold their last value: failures are counted, the
+    first of a run is logged, and ``..._lag_updated_timestamp_seconds`` shows how old the
+    value is (an alert on lag alone would go blind exactly when NATS is away)."""
+    failing = False
+    errors = metrics.CONSUMER_INFO_ERRORS.labels(stream=stream, consumer=durable)
+    updated = metrics.CONSUMER_LAG_UPDATED.labels(stream=stream, consumer=durable)
     while not stop.is_set():
         try:
             info = await js.consumer_info(stream, durable)
         except (nats.errors.Error, TimeoutError) as exc:
-            log.debug("consumer_info_failed", stream=stream, consumer=durable, error=str(exc))
+            errors.inc()
+            if not failing:
+                log.warning("consumer_info_failed", stream=stream, consumer=durable, error=str(exc))
+            failing = True
         else:
+            if failing:
+                log.info("consumer_info_recovered", stream=stream, consumer=durable)
+            failing = False
             metrics.CONSUMER_PENDING.labels(stream=stream, consumer=durable).set(
                 info.num_pending or 0
             )
             metrics.CONSUMER_ACK_PENDING.labels(stream=stream, consumer=durable).set(
                 info.num_ack_pending or 0
             )
+            updated.set_to_current_time()
         await _sleep_or_stop(period_s, stop)
 
 

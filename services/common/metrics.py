@@ -69,6 +69,16 @@ CONSUMER_PENDING = Gauge(
     "Messages in the stream not yet delivered to this durable consumer (lag)",
     ["stream", "consumer"],
 )
+CONSUMER_LAG_UPDATED = Gauge(
+    "ledgerflux_consumer_lag_updated_timestamp_seconds",
+    "When the consumer's pending counts were last read (they hold still while it cannot be)",
+    ["stream", "consumer"],
+)
+CONSUMER_INFO_ERRORS = Counter(
+    "ledgerflux_consumer_info_errors_total",
+    "Failed reads of the consumer's state (NATS away, consumer deleted)",
+    ["stream", "consumer"],
+)
 CONSUMER_ACK_PENDING = Gauge(
     "ledgerflux_consumer_ack_pending",
     "Messages delivered to this durable consumer and not yet acked",

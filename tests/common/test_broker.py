@@ -10,7 +10,7 @@ import pytest
 from nats.aio.client import Client as NATS
 from structlog.testing import capture_logs
 
-from services.common import broker
+from services.common import broker, metrics
 from services.common.errors import BrokerError
 from services.common.settings import CommonSettings
 from services.common.subjects import DLQ_STREAM, RAW_STREAM, TICKS_STREAM
@@ -139,3 +139,28 @@ async def test_close_with_the_server_gone_and_data_buffered(nats_server: NatsSer
     assert client.is_closed
     events = [entry["event"] for entry in logs]
     assert events == ["nats_drain_incomplete", "nats_closed_unreachable"], logs
+
+
+async def test_consumer_lag_that_cannot_be_read_is_counted_and_logged_once(
+    nats_server: NatsServer, nc: NATS
+) -> None:
+    """A consumer whose state cannot be read (here: it does not exist): every failed read
+    is counted, the first logged, and the lag's update time stands still. (Failures were
+    debug lines only while the lag gauge kept its last value.)"""
+    settings = settings_for(nats_server)
+    js = nc.jetstream()
+    await broker.ensure_streams(js, settings)
+    labels = {"stream": RAW_STREAM, "consumer": "nobody"}
+    errors = metrics.CONSUMER_INFO_ERRORS.labels(**labels)
+    before = errors._value.get()
+    stop = asyncio.Event()
+    with capture_logs() as logs:
+        task = asyncio.create_task(
+            broker.report_consumer_lag(js, RAW_STREAM, "nobody", stop, period_s=0.05)
+        )
+        while errors._value.get() < before + 3:
+            await asyncio.sleep(0.02)
+        stop.set()
+        await task
+    assert [e["event"] for e in logs].count("consumer_info_failed") == 1
+    assert metrics.CONSUMER_LAG_UPDATED.labels(**labels)._value.get() == 0
