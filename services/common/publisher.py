@@ -96,6 +96,9 @@ class Publisher:
         self._max_in_flight = settings.publish_max_in_flight
         self._inbox: bytes | None = None
         self._acks: dict[bytes, asyncio.Future[PubAck]] = {}
+        # read at scrape: it was set in wait() only, so it stood still while publish()
+        # waited for room in a full window (one publisher per service process)
+        metrics.PUBLISH_IN_FLIGHT.set_function(self.in_flight)
         self._counter = 0
         self._room = asyncio.Event()
         self._room.set()
@@ -202,7 +205,6 @@ class Publisher:
             if item.future in not_done:
                 item.future.cancel()
                 self._settle(item.token)
-        metrics.PUBLISH_IN_FLIGHT.set(len(self._acks))
         acks: list[PubAck] = []
         first_error: BaseException | None = None
         # metrics per stream and per call, not per message: label lookups were ~5 % of the
