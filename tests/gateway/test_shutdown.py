@@ -27,8 +27,13 @@ async def test_sigterm_closes_clients_with_1001_after_flushing_and_exits_0(
     for client in clients:
         await client.send({"op": "subscribe", "products": ["BTC-USD"], "snapshot": False})
         await client.until(lambda c: bool(c.of_type("subscribed")))
-    # published just before the signal: the 50 ms batch window still holds them
+    # published just before the signal: the 50 ms batch window still holds them. The
+    # signal waits until the gateway has them (the plain client got the last one): a
+    # publish acked by JetStream may still be on its way to the gateway, and a tick that
+    # arrives after the signal is not the gateway's to flush (the first CI failure of this
+    # test: the signal overtook ticks 8-39 under load)
     await feed.publish(("BTC-USD", s) for s in range(2, 40))
+    await clients[0].until(lambda c: any(t["seq"] == 39 for t in c.ticks("BTC-USD")))
     codes = asyncio.gather(*(client.close_code() for client in clients))
     exit_code = await gateway.proc.terminate()
     assert await codes == [1001, 1001]
