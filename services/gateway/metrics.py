@@ -20,7 +20,8 @@ ERRORS_SENT = Counter("ledgerflux_gateway_errors_sent_total", "error replies by 
 TICKS_IN = Counter("ledgerflux_gateway_ticks_in_total", "Ticks received from MD_TICKS")
 E2E_LATENCY = Histogram(
     "ledgerflux_gateway_e2e_latency_seconds",
-    "Ingest (recv_ns) to hand-off to the client socket",
+    "Ingest (recv_ns) to the gateway's fan-out of the tick to its connections (before each "
+    "connection's queue, rate limit and batch window)",
     buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0),
 )
 BUFFER_DEPTH = Histogram(
