@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import sys
 import time
 import weakref
@@ -31,6 +32,14 @@ class _Server(uvicorn.Server):
     def capture_signals(self) -> Generator[None]:
         yield
 
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        # gateway_started once the port listens (uvicorn binds after the lifespan start-up,
+        # and may fail to: a port in use exits from here), so the line means clients can
+        # connect
+        await super().startup(sockets)
+        if self.started:
+            log.info("gateway_started", port=self.config.port)
+
 
 async def _drop_unfinished_handshakes(
     server: uvicorn.Server, timeout_s: float, stop: asyncio.Event
@@ -49,18 +58,6 @@ async def _drop_unfinished_handshakes(
                 protocol.transport.close()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), min(1.0, timeout_s / 2))
-
-
-async def _announce_when_listening(
-    server: uvicorn.Server, port: int, served: asyncio.Event
-) -> None:
-    """``gateway_started`` once uvicorn listens (it binds after the lifespan start-up, and
-    may fail to: a port in use), so the line means clients can connect."""
-    while not server.started:
-        if served.is_set():
-            return
-        await asyncio.sleep(0.02)
-    log.info("gateway_started", port=port)
 
 
 async def main(settings: GatewaySettings, stop: asyncio.Event) -> None:
@@ -105,7 +102,6 @@ async def main(settings: GatewaySettings, stop: asyncio.Event) -> None:
         # still flush through the batch clock during shutdown
         tg.create_task(state.hub.run_flusher(settings.ws_batch_flush_ms / 1000, served))
         tg.create_task(state.limiter.run(served))
-        tg.create_task(_announce_when_listening(server, settings.gateway_port, served))
         tg.create_task(_drop_unfinished_handshakes(server, settings.ws_handshake_timeout_s, served))
         try:
             await server.serve()

@@ -60,8 +60,8 @@ _id_decoder = msgspec.json.Decoder(_IdOnly)
 
 
 class BadCommandError(ValueError):
-    def __init__(self, message: str, request_id: object) -> None:
-        self.request_id = request_id if isinstance(request_id, str | int) else None
+    def __init__(self, message: str, request_id: str | int | None) -> None:
+        self.request_id = request_id
         super().__init__(message)
 
 
@@ -69,7 +69,7 @@ def decode_command(data: bytes | str) -> Command:
     try:
         command: Command = _command_decoder.decode(data)
     except msgspec.ValidationError as exc:  # a DecodeError subclass: test it first
-        raise BadCommandError(str(exc), _request_id(data)) from None
+        raise BadCommandError(str(exc), request_id_of(data)) from None
     except msgspec.DecodeError as exc:
         raise BadCommandError(f"invalid JSON: {exc}", None) from None
     except UnicodeDecodeError:  # a binary frame: msgspec decodes its strings as UTF-8
@@ -77,17 +77,13 @@ def decode_command(data: bytes | str) -> Command:
     return command
 
 
-def _request_id(data: bytes | str) -> object:
+def request_id_of(data: bytes | str) -> str | int | None:
+    """The ``id`` of a frame that did not decode as a command (or was not read: a
+    rate-limited one), if it is of an accepted type, for the error reply."""
     try:
-        return _id_decoder.decode(data).id
+        found = _id_decoder.decode(data).id
     except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):
         return None
-
-
-def request_id_of(data: bytes | str) -> str | int | None:
-    """The ``id`` of a frame not otherwise read (a rate-limited command), if it has one of
-    the accepted types: the client can tell which request was refused."""
-    found = _request_id(data)
     return found if isinstance(found, str | int) else None
 
 
@@ -106,7 +102,7 @@ class BackfillSpec:
         return "since_seq" if self.since_seq is not None else "since_time"
 
 
-def backfill_spec(backfill: Backfill, request_id: object) -> BackfillSpec:
+def backfill_spec(backfill: Backfill, request_id: str | int | None) -> BackfillSpec:
     """Exactly one of ``last``/``since_seq``/``since_time``; the time is RFC 3339 with a zone."""
     given = [
         name for name in ("last", "since_seq", "since_time") if getattr(backfill, name) is not None

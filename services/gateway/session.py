@@ -192,11 +192,7 @@ async def handle_command(command: Command, conn: ClientConnection, ctx: SessionC
         case Unsubscribe(products=products, id=request_id):
             if not products:
                 raise BadCommandError("products must not be empty", request_id)
-            unknown = [p for p in products if not is_valid_product(p) or not ctx.hub.serves(p)]
-            if unknown:
-                _error(
-                    conn, "unknown_product", f"not served: {', '.join(unknown[:20])}", request_id
-                )
+            if _refused_unknown(products, conn, ctx, request_id):
                 return
             for product in products:  # one never subscribed is already unsubscribed: fine
                 ctx.hub.unsubscribe(conn, product)
@@ -220,9 +216,7 @@ async def _subscribe(command: Subscribe, conn: ClientConnection, ctx: SessionCon
             command.id,
         )
         return
-    unknown = [p for p in products if not is_valid_product(p) or not hub.serves(p)]
-    if unknown:
-        _error(conn, "unknown_product", f"not served: {', '.join(unknown[:20])}", command.id)
+    if _refused_unknown(products, conn, ctx, command.id):
         return
     if spec is not None and (again := [p for p in products if p in conn.products]):
         # their live stream already runs: older ticks now would break per-product order
@@ -254,6 +248,16 @@ async def _subscribe(command: Subscribe, conn: ClientConnection, ctx: SessionCon
         return
     for product, seen in latest.items():
         await _backfill(conn, ctx, product, spec, seen, command)
+
+
+def _refused_unknown(
+    products: list[str], conn: ClientConnection, ctx: SessionContext, request_id: str | int | None
+) -> bool:
+    """Answer ``unknown_product`` (and say so) if one of ``products`` is not served."""
+    unknown = [p for p in products if not is_valid_product(p) or not ctx.hub.serves(p)]
+    if unknown:
+        _error(conn, "unknown_product", f"not served: {', '.join(unknown[:20])}", request_id)
+    return bool(unknown)
 
 
 async def _backfill(
