@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import time
 
@@ -11,6 +12,15 @@ from services.common.logging import get_logger
 
 log = get_logger(__name__)
 _STALL_LOG_S = 0.05
+
+
+async def sleep_or_stop(seconds: float, stop: asyncio.Event | None) -> None:
+    """Sleep ``seconds``, or less if ``stop`` is set meanwhile."""
+    if stop is None:
+        await asyncio.sleep(seconds)
+        return
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)
 
 
 async def wait_any(*events: asyncio.Event) -> None:

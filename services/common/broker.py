@@ -31,6 +31,7 @@ from nats.js.api import (
 )
 
 from services.common import metrics
+from services.common.aio import sleep_or_stop
 from services.common.errors import BrokerError, StoppedError, StreamConfigError
 from services.common.logging import get_logger
 from services.common.publisher import PendingPublish as PendingPublish  # re-exported
@@ -130,14 +131,6 @@ def _server(nc: NATS) -> str | None:
     """host:port of the connected server: never the URL's user:password part."""
     url = nc.connected_url
     return f"{url.hostname}:{url.port}" if url is not None else None
-
-
-async def _sleep_or_stop(seconds: float, stop: asyncio.Event | None) -> None:
-    if stop is None:
-        await asyncio.sleep(seconds)
-        return
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), seconds)
 
 
 def stream_configs(settings: CommonSettings) -> list[StreamConfig]:
@@ -333,7 +326,7 @@ async def report_consumer_lag(
                 info.num_ack_pending or 0
             )
             updated.set_to_current_time()
-        await _sleep_or_stop(period_s, stop)
+        await sleep_or_stop(period_s, stop)
 
 
 class Unsubscribable(Protocol):

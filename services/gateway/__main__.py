@@ -14,6 +14,7 @@ from collections.abc import Generator
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from services.common.aio import sleep_or_stop
 from services.common.errors import PortUnavailableError
 from services.common.lifecycle import run_service
 from services.common.logging import get_logger
@@ -56,8 +57,7 @@ async def _drop_unfinished_handshakes(
             started = first_seen.setdefault(protocol, now)
             if now - started > timeout_s and not protocol.transport.is_closing():
                 protocol.transport.close()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), min(1.0, timeout_s / 2))
+        await sleep_or_stop(min(1.0, timeout_s / 2), stop)
 
 
 async def main(settings: GatewaySettings, stop: asyncio.Event) -> None:

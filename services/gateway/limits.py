@@ -29,6 +29,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from services.common.aio import sleep_or_stop
 from services.common.logging import get_logger
 from services.gateway import metrics
 from services.gateway.settings import GatewaySettings
@@ -195,10 +196,7 @@ class KeyLimiter:
             return
         while not stop.is_set():
             await self.heartbeat()
-            try:
-                await asyncio.wait_for(stop.wait(), self.heartbeat_s)
-            except TimeoutError:
-                continue
+            await sleep_or_stop(self.heartbeat_s, stop)
 
     async def close(self) -> None:
         """Hand back this replica's counts (they would expire with its lease anyway)."""

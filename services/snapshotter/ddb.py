@@ -8,7 +8,6 @@ verbatim, so decimals stay exact), ``price``/``time`` (S) for humans and
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -17,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from botocore.exceptions import BotoCoreError, ClientError
 
+from services.common.aio import sleep_or_stop
 from services.common.errors import StoppedError
 from services.common.logging import get_logger
 from services.snapshotter import metrics
@@ -62,8 +62,7 @@ async def until_ddb_answers[T](
             error = repr(exc)
         metrics.ERRORS.labels(kind="ddb_unreachable").inc()
         log.warning("ddb_not_ready", step=step, attempt=attempt, error=error, retry_in_s=backoff)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), backoff)
+        await sleep_or_stop(backoff, stop)
         if stop.is_set():
             raise StoppedError(f"stopped before DynamoDB answered ({step})")
         backoff = min(backoff * 2, 5.0)
