@@ -10,11 +10,12 @@ import pytest
 from nats.aio.client import Client as NATS
 from structlog.testing import capture_logs
 
-from services.common import broker, metrics
+from services.common import broker
 from services.common.errors import BrokerError
 from services.common.settings import CommonSettings
 from services.common.subjects import DLQ_STREAM, RAW_STREAM, TICKS_STREAM
 from services.devstack.servers import NatsServer
+from tests.support.metrics import local_value
 
 pytestmark = pytest.mark.integration
 
@@ -151,16 +152,16 @@ async def test_consumer_lag_that_cannot_be_read_is_counted_and_logged_once(
     js = nc.jetstream()
     await broker.ensure_streams(js, settings)
     labels = {"stream": RAW_STREAM, "consumer": "nobody"}
-    errors = metrics.CONSUMER_INFO_ERRORS.labels(**labels)
-    before = errors._value.get()
+    errors = "ledgerflux_consumer_info_errors_total"
+    before = local_value(errors, **labels)
     stop = asyncio.Event()
     with capture_logs() as logs:
         task = asyncio.create_task(
             broker.report_consumer_lag(js, RAW_STREAM, "nobody", stop, period_s=0.05)
         )
-        while errors._value.get() < before + 3:
+        while local_value(errors, **labels) < before + 3:
             await asyncio.sleep(0.02)
         stop.set()
         await task
     assert [e["event"] for e in logs].count("consumer_info_failed") == 1
-    assert metrics.CONSUMER_LAG_UPDATED.labels(**labels)._value.get() == 0
+    assert local_value("ledgerflux_consumer_lag_updated_timestamp_seconds", **labels) == 0

@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator
 
 import orjson
 import pytest
-from prometheus_client import REGISTRY
 
 from services.common.subjects import HDR_RECV_NS, HDR_RESYNC
 from services.devstack.ports import free_port
@@ -24,13 +23,9 @@ from services.ingestor.sequences import Gap, SequenceTracker
 from services.ingestor.staleness import StalenessWatch
 from services.normalizer.decode import CoinbaseTicker, decode_frame, ticker_to_tick
 from tests.support import frames
+from tests.support.metrics import local_value
 
 from .helpers import feedsim
-
-
-def _value(name: str, **labels: str) -> float:
-    return REGISTRY.get_sample_value(name, labels) or 0.0
-
 
 # -- frames -------------------------------------------------------------------------------
 
@@ -178,15 +173,15 @@ async def test_rest_client_stays_within_coinbase_public_limit(quiet_sim: FeedSim
 async def test_rest_client_backs_off_on_429(quiet_sim: FeedSim) -> None:
     """Past the server's limit a 429 raises RestRateLimitedError and pauses the bucket."""
     client = RestClient(quiet_sim.http_url, timeout_s=5, rate=1000, burst=1000)
-    before = _value("ledgerflux_ingestor_rest_requests_total", outcome="rate_limited")
+    before = local_value("ledgerflux_ingestor_rest_requests_total", outcome="rate_limited")
     outcomes = await asyncio.gather(
         *(client.ticker("BTC-USD") for _ in range(20)), return_exceptions=True
     )
     limited = [o for o in outcomes if isinstance(o, RestRateLimitedError)]
     assert limited and len(limited) == quiet_sim.stats()["rest"]["rate_limited"]
-    assert _value("ledgerflux_ingestor_rest_requests_total", outcome="rate_limited") - before == (
-        len(limited)
-    )
+    assert local_value(
+        "ledgerflux_ingestor_rest_requests_total", outcome="rate_limited"
+    ) - before == (len(limited))
     started = time.monotonic()
     await client.bucket.acquire()
     assert time.monotonic() - started >= 0.5  # paused ~1 s (no Retry-After sent)
@@ -239,7 +234,7 @@ async def test_resync_publishes_rest_ticker_with_the_gap_label(quiet_sim: FeedSi
     """A gap resync puts one ticker frame on the raw subject: labelled with the heartbeat's
     sequence, Nats-Msg-Id coinbase:<p>:resync:<seq>, Ledgerflux-Resync headers."""
     trade_id = quiet_sim.stats()["products"]["ETH-USD"]["trade_id"]
-    before = _value("ledgerflux_ingestor_resyncs_total", reason="gap")
+    before = local_value("ledgerflux_ingestor_resyncs_total", reason="gap")
     async with _Rig(quiet_sim) as rig:
         rig.tracker.on_ticker("ETH-USD", 10, trade_id - 3)
         rig.resyncer.request("ETH-USD", "gap", sequence=20, trade_id=trade_id)
@@ -254,13 +249,15 @@ async def test_resync_publishes_rest_ticker_with_the_gap_label(quiet_sim: FeedSi
     body = orjson.loads(item.payload)
     assert (body["sequence"], body["trade_id"]) == (20, trade_id)
     assert rig.tracker.state("ETH-USD").put_seq == 20
-    assert _value("ledgerflux_ingestor_resyncs_total", reason="gap") - before == 1
+    assert local_value("ledgerflux_ingestor_resyncs_total", reason="gap") - before == 1
 
 
 async def test_requests_for_one_product_are_coalesced(quiet_sim: FeedSim) -> None:
     """Two requests for a product before it is fetched: one REST call, one frame with the
     newer target, the older request counted as coalesced."""
-    before = _value("ledgerflux_ingestor_resyncs_skipped_total", reason="gap", cause="coalesced")
+    before = local_value(
+        "ledgerflux_ingestor_resyncs_skipped_total", reason="gap", cause="coalesced"
+    )
     async with _Rig(quiet_sim) as rig:
         rig.tracker.on_ticker("BTC-USD", 10, 1)
         rig.resyncer.request("BTC-USD", "gap", sequence=20, trade_id=2)
@@ -270,7 +267,9 @@ async def test_requests_for_one_product_are_coalesced(quiet_sim: FeedSim) -> Non
     assert orjson.loads(item.payload)["sequence"] == 30
     assert item.headers[HDR_RESYNC_REASON] == "reconnect"
     assert quiet_sim.stats()["rest"]["requests"] == 1
-    after = _value("ledgerflux_ingestor_resyncs_skipped_total", reason="gap", cause="coalesced")
+    after = local_value(
+        "ledgerflux_ingestor_resyncs_skipped_total", reason="gap", cause="coalesced"
+    )
     assert after - before == 1
 
 
@@ -280,7 +279,7 @@ async def test_resync_superseded_by_a_newer_feed_ticker_publishes_nothing(
     """When the feed delivers a ticker at or past the label first, the resync would be
     older than it downstream: skipped as superseded, without spending a REST call."""
     key = {"reason": "gap", "cause": "superseded"}
-    before = _value("ledgerflux_ingestor_resyncs_skipped_total", **key)
+    before = local_value("ledgerflux_ingestor_resyncs_skipped_total", **key)
     async with _Rig(quiet_sim) as rig:
         rig.tracker.on_ticker("BTC-USD", 10, 1)
         rig.resyncer.request("BTC-USD", "gap", sequence=20, trade_id=2)
@@ -288,7 +287,7 @@ async def test_resync_superseded_by_a_newer_feed_ticker_publishes_nothing(
         await rig.settled()
     assert rig.items() == []
     assert quiet_sim.stats()["rest"]["requests"] == 0
-    assert _value("ledgerflux_ingestor_resyncs_skipped_total", **key) - before == 1
+    assert local_value("ledgerflux_ingestor_resyncs_skipped_total", **key) - before == 1
 
 
 async def test_rest_view_older_than_the_feed_is_retried_then_given_up(
@@ -297,14 +296,14 @@ async def test_rest_view_older_than_the_feed_is_retried_then_given_up(
     """A REST ticker older than the trade the heartbeat announced is never published:
     retried with backoff up to RESYNC_MAX_ATTEMPTS, then counted as failed."""
     key = {"reason": "gap", "cause": "failed"}
-    before = _value("ledgerflux_ingestor_resyncs_skipped_total", **key)
+    before = local_value("ledgerflux_ingestor_resyncs_skipped_total", **key)
     async with _Rig(quiet_sim, max_attempts=2) as rig:
         rig.tracker.on_ticker("BTC-USD", 10, 1)
         rig.resyncer.request("BTC-USD", "gap", sequence=20, trade_id=10**12)
         await rig.settled()
     assert rig.items() == []
     assert quiet_sim.stats()["rest"]["requests"] == 2
-    assert _value("ledgerflux_ingestor_resyncs_skipped_total", **key) - before == 1
+    assert local_value("ledgerflux_ingestor_resyncs_skipped_total", **key) - before == 1
 
 
 # -- outbound buffer ----------------------------------------------------------------------

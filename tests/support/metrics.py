@@ -1,9 +1,11 @@
-"""Reading a service's Prometheus ``/metrics`` from outside its process."""
+"""Reading Prometheus metrics: a service's ``/metrics`` from outside its process, or this
+process's own registry (code under test running in-process)."""
 
 from __future__ import annotations
 
 import urllib.request
 
+from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 
@@ -21,3 +23,8 @@ def scrape_total(url: str, name: str, timeout: float = 5.0) -> float:
     """:func:`metric_total` of what ``url`` serves now."""
     with urllib.request.urlopen(url, timeout=timeout) as response:
         return metric_total(response.read().decode(), name)
+
+
+def local_value(name: str, **labels: str) -> float:
+    """A sample of this process's registry (0 when the series does not exist yet)."""
+    return REGISTRY.get_sample_value(name, labels) or 0.0
