@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from services.devstack.ports import is_port_free
+from services.devstack.process import log_tail
 from services.devstack.stack import DevStack
 from services.ingestor.settings import IngestorSettings
 from services.normalizer.settings import NormalizerSettings
@@ -70,10 +71,7 @@ class Child:
     log_offset: int  # where this run's lines start: the log is appended across runs
 
     def log_tail(self, lines: int = 15) -> str:
-        with self.log.open("rb") as log:
-            log.seek(self.log_offset)
-            text = log.read().decode(errors="replace")
-        return "\n".join(text.splitlines()[-lines:])
+        return log_tail(self.log, lines, start=self.log_offset)
 
 
 class Demo:

@@ -281,12 +281,13 @@ def _parent_death_signal(parent_pid: int) -> Callable[[], None]:
     return set_pdeathsig
 
 
-def log_tail(log_file: Path, lines: int = LOG_TAIL_LINES) -> str:
-    """The last ``lines`` lines of a server's log file."""
+def log_tail(log_file: Path, lines: int = LOG_TAIL_LINES, *, start: int = 0) -> str:
+    """The last ``lines`` lines of a log file, none from before byte ``start`` (where the
+    current run began: logs are appended across runs)."""
     try:
         with log_file.open("rb") as log_fd:
             log_fd.seek(0, os.SEEK_END)
-            log_fd.seek(max(0, log_fd.tell() - 64 * 1024))
+            log_fd.seek(max(start, log_fd.tell() - 64 * 1024))
             text = log_fd.read().decode(errors="replace")
     except OSError as exc:
         return f"<no log: {exc}>"
