@@ -68,11 +68,11 @@ compose-ps:
 	@command -v docker >/dev/null && docker info >/dev/null 2>&1 || { echo "compose-ps needs a running Docker engine"; exit 1; }
 	docker compose -f docker/docker-compose.yaml ps
 
-# sequences from the clock (µs since 2024, as `make demo` does): above every sequence an
-# earlier run left in MD_TICKS, which the normalizer would otherwise drop as stale
+# sequences from the clock, as `make demo` does: above every sequence an earlier run left
+# in MD_TICKS, which the normalizer would otherwise drop as stale
 run-feedsim: ## Coinbase-compatible simulated feed on :8765
 	$(RUN) python -m services.feedsim --products "$(FEED_PRODUCTS)" --rate $(FEED_RATE) \
-		--sequence-base $$(( $$(date +%s%6N) - 1704067200000000 ))
+		--sequence-base clock
 
 # by hand, the ingestor and gateway carry feedsim's products unless COINBASE_PRODUCTS says
 run-ingestor run-gateway: export COINBASE_PRODUCTS ?= $(FEED_PRODUCTS)

@@ -36,21 +36,6 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child before e
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def demo_sequence_base(now_s: float | None = None) -> int:
-    """feedsim's sequences for this run: above every earlier run's, as Coinbase's only grow.
-
-    The stack under ``.devstack`` keeps MD_TICKS between demos and the normalizer drops a
-    sequence not above the last it stored, so with the same seed a second ``make demo``
-    showed a frozen board. One million per second since 2024 outgrows the feed (a product
-    advances by tens of thousands a second at most) and stays under feedsim's 10^15.
-    """
-    now_s = time.time() if now_s is None else now_s
-    return int((now_s - _EPOCH_2024) * 1_000_000)
-
-
-_EPOCH_2024 = 1_704_067_200.0
-
-
 @dataclass
 class DemoOptions:
     root: Path
@@ -154,7 +139,7 @@ class Demo:
         if not o.live:
             feed_args = ["--host", "127.0.0.1", "--port", str(o.feed_port),
                          "--products", env["COINBASE_PRODUCTS"], "--rate", str(o.rate),
-                         "--sequence-base", str(demo_sequence_base())]  # fmt: skip
+                         "--sequence-base", "clock"]  # fmt: skip
             if o.faults:
                 feed_args += ["--faults", o.faults]
             self._spawn("feedsim", feed_args, env)

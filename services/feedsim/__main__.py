@@ -44,7 +44,11 @@ _FLAGS: list[tuple[tuple[str, ...], str, str]] = [
     (("--rate",), "rate", "tickers per second over all products (default 200)"),
     (("--rate-skew",), "rate_skew", "Zipf exponent splitting --rate (0 = even; default 0.5)"),
     (("--seed",), "seed", "market and fault RNG seed (default 1)"),
-    (("--sequence-base",), "sequence_base", "added to every product's first sequence (0)"),
+    (
+        ("--sequence-base",),
+        "sequence_base",
+        "added to every product's first sequence (0; 'clock': above every earlier run's)",
+    ),
     (("--max-ticks",), "max_ticks", "stop the market after N tickers (default 0 = never)"),
     (
         ("--wait-subscribers", "--replay-wait-subscribers"),

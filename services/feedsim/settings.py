@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import time
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -21,6 +22,21 @@ def synthetic_products(n: int) -> list[str]:
     """``SIM0001-USD`` ... for benchmarks with many products."""
     width = max(4, len(str(n)))
     return [f"SIM{i:0{width}d}-USD" for i in range(1, n + 1)]
+
+
+def clock_sequence_base(now_s: float | None = None) -> int:
+    """``--sequence-base clock``: above every earlier run's sequences, as Coinbase's only grow.
+
+    A stack keeps MD_TICKS between runs and the normalizer drops a sequence not above the
+    last it stored, so with the same seed a second run showed a frozen board. One million
+    per second since 2024 outgrows the feed (a product advances by tens of thousands a
+    second at most) and stays under the 10^15 bound.
+    """
+    now_s = time.time() if now_s is None else now_s
+    return int((now_s - _EPOCH_2024) * 1_000_000)
+
+
+_EPOCH_2024 = 1_704_067_200.0
 
 
 def _split_csv(value: Any) -> Any:
@@ -107,6 +123,13 @@ class FeedSimSettings(BaseSettings):
                 return float(text)
             except ValueError:
                 raise ValueError(f"{value!r} is neither a number nor 'max'") from None
+        return value
+
+    @field_validator("sequence_base", mode="before")
+    @classmethod
+    def _sequence_base(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.strip().lower() == "clock":
+            return clock_sequence_base()
         return value
 
     @field_validator("faults", mode="before")

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from services.devstack.demo import Child, DemoOptions, demo_sequence_base, run_demo
+from services.devstack.demo import Child, DemoOptions, run_demo
 from services.devstack.ports import free_port
 from services.feedsim.market import Market
+from services.feedsim.settings import clock_sequence_base
 
 
 def test_a_later_demo_starts_above_everything_an_earlier_one_emitted() -> None:
@@ -20,12 +21,12 @@ def test_a_later_demo_starts_above_everything_an_earlier_one_emitted() -> None:
     product's first sequence in run 2 is above its last in run 1."""
     products = ["BTC-USD", "ETH-USD", "DOGE-USD"]
     start = 1_800_000_000.0
-    first = Market(products, seed=7, skew=1.0, now_ns=0, sequence_base=demo_sequence_base(start))
+    first = Market(products, seed=7, skew=1.0, now_ns=0, sequence_base=clock_sequence_base(start))
     for _ in range(20_000):  # ~ an hour of this product's tickers at the demo's rate
         for product in products:
             first.models[product].step(0, "2026-01-01T00:00:00.000000Z")
     later = Market(
-        products, seed=7, skew=1.0, now_ns=0, sequence_base=demo_sequence_base(start + 3601)
+        products, seed=7, skew=1.0, now_ns=0, sequence_base=clock_sequence_base(start + 3601)
     )
     for product in products:
         assert later.models[product].sequence > first.models[product].sequence

@@ -19,6 +19,7 @@ from services.feedsim.emitlog import LineFile
 from services.feedsim.faults import FaultInjector, parse_duration
 from services.feedsim.market import Market, ProductModel, derive_spec, fmt_price, fmt_size
 from services.feedsim.protocol import AUTH_REASON, encode, parse_command
+from services.feedsim.settings import clock_sequence_base
 
 from .helpers import check_ticker
 
@@ -191,6 +192,9 @@ def test_sequence_base_shifts_sequences_only() -> None:
     assert [m["sequence"] - 10**12 for m in lifted] == [m["sequence"] for m in plain]
     assert [m["price"] for m in lifted] == [m["price"] for m in plain]
     assert parse_settings(["--sequence-base", "5"]).sequence_base == 5
+    # 'clock' (make demo, make run-feedsim): microseconds since 2024, so above any earlier run
+    before = clock_sequence_base()
+    assert before <= parse_settings(["--sequence-base", "clock"]).sequence_base <= before + 10**7
 
 
 def test_env_and_cli_settings(monkeypatch: pytest.MonkeyPatch) -> None:
