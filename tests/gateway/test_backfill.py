@@ -42,6 +42,11 @@ async def gw(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
 async def subscribe(
     gw: Stack, products: list[str], backfill: dict[str, Any], **extra: Any
 ) -> Client:
+    # a product outside COINBASE_PRODUCTS is served once the gateway has seen a tick of it;
+    # a JetStream ack does not mean the gateway's live tail has it yet
+    for product in products:
+        if sent := gw.feed.published.get(product):
+            await gw.gateway.wait_latest(product, sent[-1])
     client = await Client.connect(gw.gateway.url)
     await client.send(
         {"op": "subscribe", "products": products, "backfill": backfill, "id": "bf", **extra}

@@ -196,6 +196,7 @@ async def test_a_rate_limited_batch_client_gets_conflation_with_skipped(
     gateway = await start_gateway(WS_MAX_MSGS_PER_SEC=str(rate), WS_BURST=str(burst))
     products = ["WR1-USD", "WR2-USD", "WR3-USD"]
     await feed.publish((p, 1) for p in products)  # seen on MD_TICKS: served
+    await gateway.wait_latest(products[-1], 1)
     connected = time.monotonic()  # the buckets are created after this, full
     clients = [await subscribed(gateway.url + BATCH, products, snapshot=False) for _ in range(2)]
 

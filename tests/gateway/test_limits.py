@@ -37,6 +37,7 @@ async def test_rate_limit_caps_ticks_and_conflation_accounts_for_every_tick(
     gateway = await start_gateway(WS_MAX_MSGS_PER_SEC=str(rate), WS_BURST=str(burst))
     products = ["RL1-USD", "RL2-USD", "RL3-USD"]
     await feed.publish((p, 1) for p in products)  # seen on MD_TICKS: served
+    await gateway.wait_latest(products[-1], 1)
     connected = time.monotonic()  # the bucket is created after this, full
     client = await Client.connect(gateway.url)
     await client.send({"op": "subscribe", "products": products, "snapshot": False})
