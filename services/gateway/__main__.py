@@ -91,8 +91,9 @@ async def main(settings: GatewaySettings, stop: asyncio.Event) -> None:
 
     async def stop_on_signal() -> None:
         await stop.wait()
-        state.begin_shutdown()
-        # every writer flushes what it holds and sends 1001 before uvicorn drops sockets
+        # a quarter of the drain budget to deliver what is stored, then every writer
+        # flushes what it holds and sends 1001 before uvicorn drops sockets
+        await state.begin_shutdown(settings.drain_timeout_s / 4)
         await state.wait_sessions_closed(settings.drain_timeout_s / 2)
         server.should_exit = True
 

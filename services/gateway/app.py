@@ -55,8 +55,15 @@ class GatewayState:
         await self.live.start()
         self.hub.warm(await load_last_ticks(js))
 
-    def begin_shutdown(self) -> None:
-        """Refuse new sockets and ask every client to close with 1001 after flushing."""
+    async def begin_shutdown(self, catch_up_s: float) -> None:
+        """Refuse new sockets, let the live tail deliver every tick already stored (bounded
+        by ``catch_up_s``), then ask every client to close with 1001 after flushing."""
+        self.accepting = False
+        if self.live is not None and self.hub.connections:
+            await self.live.catch_up(catch_up_s)
+        self.close_clients()
+
+    def close_clients(self) -> None:
         self.accepting = False
         for conn in list(self.hub.connections):
             conn.request_close(CLOSE_GOING_AWAY, "server shutting down")
@@ -90,7 +97,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         # state.start ran before uvicorn, and gateway_started is logged once the port
         # listens (see __main__): uvicorn binds after this start-up half
         yield
-        state.begin_shutdown()
+        state.close_clients()  # normally done already, by begin_shutdown on the stop request
         await state.stop()
 
     app = FastAPI(title="LedgerFlux gateway", lifespan=lifespan)

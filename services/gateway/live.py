@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -42,6 +43,7 @@ TickHandler = Callable[[bytes, bytes], None]  # (payload, subject), in the read 
 
 _RECREATE_RETRY_S = 0.5
 _MISSED_HEARTBEATS = 2  # silence for this many intervals: the consumer is gone
+_CATCH_UP_POLL_S = 0.005
 
 
 class LiveTail:
@@ -69,6 +71,37 @@ class LiveTail:
         metrics.LIVE_STREAM_SEQ.set_function(lambda: self.last_stream_seq)
         self._watchdog = asyncio.create_task(self._watch())
         log.info("live_tail_started", stream_seq=self.last_stream_seq + 1)
+
+    async def catch_up(self, timeout_s: float) -> bool:
+        """Until every tick MD_TICKS held when called has been handed to ``on_tick``, or
+        ``timeout_s``; False (logged) if it ran out. Stored is not delivered: a tick that
+        JetStream acked just before a SIGTERM may still be on its way to this tail."""
+        if not self.nc.is_connected:
+            log.warning("live_tail_behind", delivered_seq=self.last_stream_seq, nats="away")
+            return False
+        started = time.monotonic()
+        target: int | None = None
+        try:
+            async with asyncio.timeout(timeout_s):
+                target = (await self.js.stream_info(TICKS_STREAM)).state.last_seq
+                # polled, once at shutdown: an event would cost a check on every tick
+                while self.last_stream_seq < target:  # noqa: ASYNC110
+                    await asyncio.sleep(_CATCH_UP_POLL_S)
+        except (TimeoutError, nats.errors.Error) as exc:
+            log.warning(
+                "live_tail_behind",
+                delivered_seq=self.last_stream_seq,
+                stream_seq=target,
+                waited_s=round(time.monotonic() - started, 3),
+                error=repr(exc) if not isinstance(exc, TimeoutError) else None,
+            )
+            return False
+        log.info(
+            "live_tail_caught_up",
+            stream_seq=target,
+            waited_ms=round((time.monotonic() - started) * 1000, 1),
+        )
+        return True
 
     async def stop(self) -> None:
         for task in (self._watchdog, self._recreating):

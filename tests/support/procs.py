@@ -92,6 +92,11 @@ class ServiceProcess:
         assert self.proc is not None
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
+        return await self.wait_exit(timeout)
+
+    async def wait_exit(self, timeout: float = 10.0) -> int:
+        """The exit code of a process already asked to stop (SIGKILL after ``timeout``)."""
+        assert self.proc is not None
         deadline = time.monotonic() + timeout
         while self.proc.poll() is None and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
