@@ -129,3 +129,10 @@ DELIVERY_GAPS = Counter(
     "Holes in a durable consumer's deliveries (a leader lost them in transit): rewound there",
     ["stream"],
 )
+
+LOG_LINES_SUPPRESSED = Counter(
+    "ledgerflux_log_lines_suppressed_total",
+    "Log lines not written because their event went over its rate (see services.common."
+    "logthrottle): events an outsider can trigger at any rate",
+    ["event"],
+)

@@ -19,6 +19,7 @@ from starlette.routing import WebSocketRoute
 from services.common import broker
 from services.common.laststate import load_last_ticks
 from services.common.logging import get_logger
+from services.common.logthrottle import throttle
 from services.common.subjects import TICKS_STREAM
 from services.gateway import metrics
 from services.gateway.admission import Gatekeeper, presented_key
@@ -159,14 +160,16 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         origin = ws.headers.get("origin")
         if not state.gatekeeper.origin_allowed(origin):
             metrics.ORIGIN_REJECTED.inc()
-            log.info("origin_rejected", origin=(origin or "")[:200], client=str(ws.client))
+            throttle.emit(
+                log.info, "origin_rejected", origin=(origin or "")[:200], client=str(ws.client)
+            )
             await _deny(ws, "origin not allowed")
             return
         key = presented_key(ws.query_params, ws.headers)
         if not state.gatekeeper.key_valid(key):
             reason = "missing" if key is None else "invalid"
             metrics.AUTH_FAILURES.labels(reason=reason).inc()
-            log.info("auth_failed", reason=reason, client=str(ws.client))
+            throttle.emit(log.info, "auth_failed", reason=reason, client=str(ws.client))
             await _deny(ws, f"{reason} API key")
             return
         if not state.accepting or len(state.hub.connections) >= settings.ws_max_connections:
@@ -200,6 +203,6 @@ async def _deny(ws: WebSocket, message: str) -> None:
 
 async def _refuse(ws: WebSocket, reason: str) -> None:
     metrics.DISCONNECTS.labels(code=str(CLOSE_TRY_AGAIN)).inc()
-    log.info("connection_refused", reason=reason, client=str(ws.client))
+    throttle.emit(log.info, "connection_refused", reason=reason, client=str(ws.client))
     await ws.accept()
     await ws.close(CLOSE_TRY_AGAIN, reason)

@@ -23,8 +23,8 @@ import msgspec
 from services.common.aio import Signal
 from services.common.logging import get_logger
 from services.common.models import encode_tick
+from services.common.tokenbucket import TokenBucket
 from services.gateway import metrics
-from services.gateway.ratelimit import TokenBucket
 from services.gateway.settings import GatewaySettings
 from services.gateway.ticks import LiveTick
 from services.gateway.window import WindowBatch

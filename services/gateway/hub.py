@@ -17,6 +17,7 @@ import msgspec
 
 from services.common.laststate import StoredTick
 from services.common.logging import get_logger
+from services.common.logthrottle import throttle
 from services.common.models import decode_tick
 from services.gateway import metrics
 from services.gateway.connection import ClientConnection
@@ -63,7 +64,7 @@ class Hub:
         try:
             tick = decode_tick(data)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            log.error("bad_tick_on_stream", subject=subject.decode(), error=str(exc))
+            throttle.emit(log.error, "bad_tick_on_stream", subject=subject.decode(), error=str(exc))
             return
         metrics.TICKS_IN.inc()
         self.fan_out(LiveTick(tick, data))

@@ -14,7 +14,9 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from structlog.contextvars import bound_contextvars
 
 from services.common.logging import get_logger
+from services.common.logthrottle import throttle
 from services.common.subjects import is_valid_product
+from services.common.tokenbucket import TokenBucket
 from services.gateway import metrics
 from services.gateway.backfill import BackfillResult, read_backfill
 from services.gateway.connection import (
@@ -43,7 +45,6 @@ from services.gateway.protocol import (
     request_id_of,
     snapshot_message,
 )
-from services.gateway.ratelimit import TokenBucket
 from services.gateway.settings import GatewaySettings
 from services.gateway.ticks import LiveTick
 from services.gateway.window import WindowBatch
@@ -82,7 +83,7 @@ async def run_session(ws: WebSocket, conn: ClientConnection, ctx: SessionContext
     with bound_contextvars(conn_id=conn.conn_id):
         hub.add(conn)
         started = time.monotonic()
-        log.info("client_connected", client=str(ws.client), batch=conn.batch)
+        throttle.emit(log.info, "client_connected", client=str(ws.client), batch=conn.batch)
         conn.send_control(
             encode(
                 {
@@ -138,7 +139,8 @@ async def run_session(ws: WebSocket, conn: ClientConnection, ctx: SessionContext
             hub.remove(conn)
             code = conn.close_code or 1000
             metrics.DISCONNECTS.labels(code=str(code)).inc()
-            log.info(
+            throttle.emit(
+                log.info,
                 "client_disconnected",
                 code=code,
                 reason=conn.close_reason,
@@ -171,7 +173,7 @@ async def _read(ws: WebSocket, conn: ClientConnection, ctx: SessionContext) -> N
                 strikes, strikes_since = 0, now
             strikes += 1
             if strikes >= settings.ws_flood_strikes:
-                log.warning("command_flood", strikes=strikes)
+                throttle.emit(log.warning, "command_flood", strikes=strikes)
                 conn.request_close(CLOSE_POLICY, "command flood")
                 return
             _error(conn, "rate_limited", "too many commands; slow down", request_id_of(data))
@@ -391,7 +393,9 @@ async def _write(ws: WebSocket, conn: ClientConnection, raw: FrameWriterProtocol
                         conn.sending = False
             except TimeoutError:
                 metrics.SLOW_CONSUMERS.inc()
-                log.warning("slow_consumer", queued=len(conn.queue), timeout_s=slow_s)
+                throttle.emit(
+                    log.warning, "slow_consumer", queued=len(conn.queue), timeout_s=slow_s
+                )
                 conn.request_close(CLOSE_SLOW_CONSUMER, "slow consumer")
             except (WebSocketDisconnect, ConnectionGone, RuntimeError, OSError):
                 conn.peer_gone()

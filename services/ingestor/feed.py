@@ -21,6 +21,7 @@ from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from services.common.logging import get_logger
+from services.common.logthrottle import throttle
 from services.common.subjects import (
     DLQ_STREAM,
     HDR_DLQ_ERROR,
@@ -238,7 +239,9 @@ class FeedSession:
         if self.staleness is not None:
             self.staleness.seen_other(time.monotonic())
         metrics.DEAD_LETTERS.labels(reason=reason).inc()
-        log.warning("frame_dead_lettered", reason=reason, error=error, size=len(data))
+        throttle.emit(
+            log.warning, "frame_dead_lettered", reason=reason, error=error, size=len(data)
+        )
         self.buffer.put(
             Outgoing(
                 stream=DLQ_STREAM,

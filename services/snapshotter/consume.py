@@ -20,6 +20,7 @@ import msgspec
 
 from services.common.aio import wait_any
 from services.common.logging import get_logger
+from services.common.logthrottle import throttle
 from services.common.models import decode_tick
 from services.common.pull import Delivery, TrackedPull
 from services.common.subjects import product_of_tick
@@ -55,11 +56,13 @@ class Pass:
                 seq = _seq_decoder.decode(msg.data).seq
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
                 metrics.BAD_TICKS.inc()
-                log.error("bad_tick_on_stream", subject=msg.subject, error=str(exc))
+                throttle.emit(log.error, "bad_tick_on_stream", subject=msg.subject, error=str(exc))
                 continue
             if product is None:
                 metrics.BAD_TICKS.inc()
-                log.error("bad_tick_on_stream", subject=msg.subject, error="no product")
+                throttle.emit(
+                    log.error, "bad_tick_on_stream", subject=msg.subject, error="no product"
+                )
                 continue
             current = newest.get(product)
             if current is None or seq > current[0]:
@@ -76,7 +79,7 @@ class Pass:
                 tick = decode_tick(msg.data)
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
                 metrics.BAD_TICKS.inc()
-                log.error("bad_tick_on_stream", subject=msg.subject, error=str(exc))
+                throttle.emit(log.error, "bad_tick_on_stream", subject=msg.subject, error=str(exc))
                 continue
             out.append(
                 LatestTick(

@@ -15,7 +15,9 @@ import pytest
 import websockets
 from websockets.exceptions import InvalidStatus
 
+from services.common.logthrottle import DEFAULT_BURST, DEFAULT_PER_S
 from services.devstack.ports import free_port
+from tests.gateway.conftest import StartGateway
 from tests.gateway.helpers import Client, Stack, stack
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -156,3 +158,42 @@ async def test_denied_handshakes_and_invalid_utf8_log_no_errors(gw: Stack) -> No
     (utf8,) = [line for line in lines if line["event"].startswith("Invalid UTF-8")]
     assert utf8["level"] == "warning" and "exc_info" not in utf8, utf8
     assert not [e for e in events if e.startswith("connection rejected")], events
+
+
+async def test_a_storm_of_bad_keys_is_counted_in_full_but_logged_at_a_bounded_rate(
+    start_gateway: StartGateway,
+) -> None:
+    """400 handshakes with a wrong key: every one is refused and counted in
+    ``auth_failures_total``, but ``auth_failed`` lines stop after the throttle's burst plus
+    its rate (a client must not be able to make logging the gateway's bottleneck); what was
+    left out is counted, and the next line that passes says how many were left out since the
+    last one."""
+    gateway = await start_gateway(GATEWAY_API_KEYS=KEYS[0])
+    attempts = 400
+    started = time.monotonic()
+    for _ in range(attempts // 50):
+        results = await asyncio.gather(
+            *(_refused(gateway.url + "?token=storm-key") for _ in range(50))
+        )
+        assert {status for status, _ in results} == {403}
+    elapsed = time.monotonic() - started
+    assert await gateway.wait_metric("ledgerflux_gateway_auth_failures_total", attempts) == attempts
+    lines = [e for e in gateway.proc.events() if e["event"] == "auth_failed"]
+    assert DEFAULT_BURST <= len(lines) <= DEFAULT_BURST + DEFAULT_PER_S * elapsed + 1
+    suppressed = attempts - len(lines)
+    assert (
+        await gateway.wait_metric(
+            "ledgerflux_log_lines_suppressed_total", suppressed, event="auth_failed"
+        )
+        == suppressed
+    )
+    await asyncio.sleep(2 / DEFAULT_PER_S)  # a token back
+    await _refused(gateway.url + "?token=one-more")
+    async with asyncio.timeout(5):
+        while len(after := [e for e in gateway.proc.events() if e["event"] == "auth_failed"]) == (
+            len(lines)
+        ):
+            await asyncio.sleep(0.05)
+    # every attempt is a line or is counted on a later line
+    assert after[-1]["suppressed"] > 0
+    assert len(after) + sum(e.get("suppressed", 0) for e in after) == attempts + 1

@@ -12,12 +12,12 @@ from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 from websockets.uri import parse_uri
 
+from services.common.tokenbucket import TokenBucket
 from services.gateway.admission import Gatekeeper, presented_key
 from services.gateway.connection import ClientConnection
 from services.gateway.frames import text_frame
 from services.gateway.limits import KeyLimiter, key_id
 from services.gateway.protocol import Backfill, BadCommandError, backfill_spec
-from services.gateway.ratelimit import TokenBucket
 from services.gateway.settings import GatewaySettings
 from services.gateway.ticks import LiveTick
 from tests.gateway.helpers import make_tick

@@ -8,10 +8,10 @@ import json
 from typing import Any
 
 from services.common.models import encode_tick
+from services.common.tokenbucket import TokenBucket
 from services.gateway.connection import ClientConnection, Frame
 from services.gateway.frames import text_frame
 from services.gateway.hub import Hub
-from services.gateway.ratelimit import TokenBucket
 from services.gateway.settings import GatewaySettings
 from services.gateway.ticks import LiveTick
 from services.gateway.window import WindowBatch

@@ -14,11 +14,11 @@ class TokenBucket:
 
     __slots__ = ("_stamp", "burst", "rate", "tokens")
 
-    def __init__(self, rate: float, burst: int) -> None:
+    def __init__(self, rate: float, burst: int, now: float | None = None) -> None:
         self.rate = rate
         self.burst = float(burst)
         self.tokens = float(burst)
-        self._stamp = time.monotonic()
+        self._stamp = time.monotonic() if now is None else now
 
     def take(self, now: float | None = None, n: float = 1.0) -> bool:
         """``n`` tokens (a batch window is sent whole or tick by tick), or none."""
