@@ -183,8 +183,10 @@ class Demo:
                     code = child.proc.wait()
                 print(f"  {child.name:<12} stopped (exit {code})", flush=True)
         self.children.clear()
+        started = [server.name for server in self.stack.servers if server.pid is not None]
         self.stack.stop()
-        print("  servers stopped", flush=True)
+        if started:  # a demo refused before start (a port taken) started none
+            print(f"  servers stopped ({', '.join(started)})", flush=True)
 
     # -- the terminal view -----------------------------------------------------------
 

@@ -45,8 +45,9 @@ def test_a_taken_service_port_fails_before_anything_starts(
         port = taken.getsockname()[1]
         options = DemoOptions(root=tmp_path, gateway_port=port, feed_port=free_port(), duration_s=1)
         assert run_demo(options) == 1
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert f"port {port} for GATEWAY_PORT (the gateway) already in use" in err
+    assert "servers stopped" not in out  # none was started
     assert not (tmp_path / "nats").exists() and not (tmp_path / "logs").exists()
 
 
