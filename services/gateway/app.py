@@ -148,13 +148,15 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
     @app.get("/v1/ticks/{product}/latest")
     async def latest(product: str) -> Response:
-        stored = state.hub.latest.get(product.upper())
-        if stored is None:
-            return JSONResponse(
-                {"error": "unknown_product", "message": f"no tick for {product!r}"},
-                status_code=404,
-            )
-        return Response(stored.data, media_type="application/json")
+        product = product.upper()  # case-insensitive, like the WebSocket's product lists
+        stored = state.hub.latest.get(product)
+        if stored is not None:
+            return Response(stored.data, media_type="application/json")
+        if state.hub.serves(product):  # configured, no tick yet: the WebSocket's null snapshot
+            body = {"error": "no_tick", "message": f"{product} is served but has no tick yet"}
+        else:
+            body = {"error": "unknown_product", "message": f"not served: {product}"}
+        return JSONResponse(body, status_code=404)
 
     async def ws_endpoint(ws: WebSocket) -> None:
         origin = ws.headers.get("origin")

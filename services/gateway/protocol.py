@@ -7,6 +7,8 @@ bytes are spliced into them as stored, never re-encoded.
 
 from __future__ import annotations
 
+import contextlib
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -74,6 +76,10 @@ def decode_command(data: bytes | str) -> Command:
         raise BadCommandError(f"invalid JSON: {exc}", None) from None
     except UnicodeDecodeError:  # a binary frame: msgspec decodes its strings as UTF-8
         raise BadCommandError("invalid JSON: a string is not UTF-8", None) from None
+    if not isinstance(command, Ping):
+        # product ids are case-insensitive, as in the REST paths; replies use the canonical
+        # (upper-case, as Coinbase spells them) id
+        command.products = [product.upper() for product in command.products]
     return command
 
 
@@ -85,6 +91,13 @@ def request_id_of(data: bytes | str) -> str | int | None:
     except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):
         return None
     return found if isinstance(found, str | int) else None
+
+
+# RFC 3339 date-time: seconds required, a zone required, no week dates or basic format
+# (all of which datetime.fromisoformat accepts)
+_RFC3339 = re.compile(
+    r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(?:\.\d{1,9})?(?:[Zz]|[+-]\d{2}:\d{2})"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,11 +126,11 @@ def backfill_spec(backfill: Backfill, request_id: str | int | None) -> BackfillS
         )
     if backfill.since_time is None:
         return BackfillSpec(last=backfill.last, since_seq=backfill.since_seq)
-    try:
-        when = datetime.fromisoformat(backfill.since_time)
-    except ValueError:
-        when = None
-    if when is None or when.tzinfo is None or "T" not in backfill.since_time.upper():
+    when = None
+    if _RFC3339.fullmatch(backfill.since_time):
+        with contextlib.suppress(ValueError):  # the pattern passes a 31st of February
+            when = datetime.fromisoformat(backfill.since_time)
+    if when is None:
         raise BadCommandError(
             f"since_time must be RFC 3339 with a zone, got {backfill.since_time!r}", request_id
         )

@@ -94,6 +94,20 @@ async def test_subscribe_without_snapshot_sends_only_live_ticks(gw: Stack, clien
     assert [(await client.recv())["seq"] for _ in live] == live
 
 
+async def test_product_ids_are_case_insensitive_and_replies_use_the_canonical_id(
+    gw: Stack, client: Client
+) -> None:
+    """``btc-usd`` is ``BTC-USD`` (as in the REST paths): subscribed and unsubscribed echo
+    the canonical id, and the ticks come."""
+    await client.send({"op": "subscribe", "products": ["btc-usd"], "snapshot": False, "id": "c"})
+    assert await client.recv() == {"type": "subscribed", "products": ["BTC-USD"], "id": "c"}
+    live = seqs(1)
+    await gw.feed.publish(("BTC-USD", s) for s in live)
+    assert (await client.expect("tick"))["seq"] == live[0]
+    await client.send({"op": "unsubscribe", "products": ["Btc-Usd"], "id": "u"})
+    assert await client.recv() == {"type": "unsubscribed", "products": ["BTC-USD"], "id": "u"}
+
+
 async def test_unsubscribe_stops_the_product(gw: Stack, client: Client) -> None:
     """``unsubscribed`` echoes products and id; no tick of that product follows."""
     await client.send({"op": "subscribe", "products": ["BTC-USD", "SOL-USD"], "snapshot": False})
@@ -126,6 +140,11 @@ BAD_REQUESTS: list[tuple[str, str | None]] = [
     (sub('"backfill": {"last": 5, "since_seq": 3}, "id": "r6"'), "r6"),
     (sub('"backfill": {"since_time": "yesterday"}, "id": "r7"'), "r7"),
     (sub('"backfill": {"since_time": "2026-01-01T00:00:00"}, "id": "r8"'), "r8"),
+    # RFC 3339 needs seconds and a zone; datetime.fromisoformat took these
+    (sub('"backfill": {"since_time": "2026-01-01T00:00Z"}, "id": "r8a"'), "r8a"),
+    (sub('"backfill": {"since_time": "2026-W01-1T00:00:00Z"}, "id": "r8b"'), "r8b"),
+    (sub('"backfill": {"since_time": "20260101T000000Z"}, "id": "r8c"'), "r8c"),
+    (sub('"backfill": {"since_time": "2026-02-31T00:00:00Z"}, "id": "r8d"'), "r8d"),
     (sub('"backfill": {"last": 0}, "id": "r9"'), "r9"),
     (sub('"backfill": {}, "id": "r10"'), "r10"),
     ('{"op": "unsubscribe", "products": [], "id": "r11"}', "r11"),
@@ -251,6 +270,10 @@ async def test_rest_products_and_latest_tick(gw: Stack) -> None:
     assert status == 200 and json.loads(body)["seq"] == live[0]
     status, body = await asyncio.to_thread(get, "/v1/ticks/NOPE-USD/latest")
     assert status == 404 and json.loads(body)["error"] == "unknown_product"
+    # configured, never ticked: still 404, but the body says it is served (WebSocket: null
+    # snapshot)
+    status, body = await asyncio.to_thread(get, "/v1/ticks/nil-usd/latest")
+    assert status == 404 and json.loads(body)["error"] == "no_tick", body
     status, body = await asyncio.to_thread(get, "/")
     assert status == 200 and b"<table" in body
 
