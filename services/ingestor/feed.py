@@ -45,6 +45,12 @@ log = get_logger(__name__)
 
 # Messages that are about the connection, not a product.
 _CONTROL_TYPES = frozenset({"subscriptions", "error", "status"})
+# Per-product message types of the Exchange feed's channels (ticker, heartbeat, matches,
+# level2, full); any other counts as "other" in metrics (a bounded label set)
+_FRAME_TYPES = frozenset({
+    "ticker", "heartbeat", "match", "last_match", "snapshot", "l2update", "received", "open",
+    "done", "change", "activate",
+})  # fmt: skip
 
 
 def subscribe_message(settings: IngestorSettings) -> bytes:
@@ -83,6 +89,7 @@ class FeedSession:
         self.resyncer = resyncer
         self.clock_ns = clock_ns
         self.last_seen = metrics.LAST_MESSAGE.last_seen
+        self.subscribed = frozenset(settings.coinbase_products)
         self._reported_errors: set[str] = set()
         self._ws: ClientConnection | None = None
         # metric children per label set: .labels() per frame was ~10 % of the ingestor's CPU
@@ -175,7 +182,16 @@ class FeedSession:
             self._dead_letter(data, recv_ns, "unparseable", "frame has no product_id")
             return
         product = frame.product
-        frame_type = frame.type or "none"
+        if product not in self.subscribed:
+            # Coinbase sends only what was subscribed; anything else is not ours to publish
+            # (a product id with a space or a dot is not even a valid subject) and must not
+            # become a metric series or per-product state
+            self._dead_letter(
+                data, recv_ns, "unexpected_product", f"product_id {product[:80]!r} not subscribed"
+            )
+            return
+        # a label value: the feed's own type only when it is one Coinbase documents
+        frame_type = frame.type if frame.type in _FRAME_TYPES else "other"
         received = self._received.get((product, frame_type))
         if received is None:
             received = self._received[(product, frame_type)] = metrics.FRAMES_RECEIVED.labels(
@@ -204,7 +220,7 @@ class FeedSession:
                 msg_id=frame.msg_id,
                 headers={HDR_RECV_NS: str(recv_ns)},
                 product=frame.product,
-                type=frame.type or "none",
+                type=frame_type,
             )
         )
 

@@ -11,12 +11,16 @@ import itertools
 import json
 import re
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 from nats.js import JetStreamContext
+from prometheus_client.parser import text_string_to_metric_families
+from websockets.asyncio.server import ServerConnection, serve
 
 from services.common.subjects import raw_subject
+from services.devstack.ports import free_port
 from services.devstack.servers import NatsServer
 from services.feedsim import FeedSim
 from tests.support.procs import ServiceProcess
@@ -356,3 +360,77 @@ async def test_a_feed_closing_right_after_the_handshake_is_reconnected(
 
 
 _WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455
+
+
+async def test_frames_of_products_never_subscribed_are_dead_lettered_not_published(
+    nats_server: NatsServer, service_logs: Path, spawn: list[ServiceProcess]
+) -> None:
+    """A feed sending products it was not asked for (one with a space, one with subject
+    wildcards, a well-formed stranger) and a type nobody documents: the three strangers go
+    to md.dlq.unexpected_product byte for byte; none becomes a metric series, MD_RAW
+    subject or per-product state; the odd type is published for the normalizer to judge but
+    counted as type "other"; the subscribed product's ticker flows, and the ingestor lives.
+    A product id with a space was a subject the NATS protocol cannot carry."""
+    ticker = {
+        "type": "ticker", "sequence": 10, "price": "1.00", "time": "2026-11-29T10:00:00.000001Z",
+        "trade_id": 1, "last_size": "1", "side": "buy",
+    }  # fmt: skip
+    strangers = [
+        json.dumps({**ticker, "product_id": p}).encode() for p in ("BTC USD", "EVIL.>", "XYZ-USD")
+    ]
+    odd_type = json.dumps({**ticker, "type": "z" * 200, "product_id": "BTC-USD"}).encode()
+    good = json.dumps({**ticker, "product_id": "BTC-USD", "sequence": 11}).encode()
+
+    async def feed(ws: ServerConnection) -> None:
+        await ws.recv()  # the subscribe
+        for frame in [*strangers, odd_type, good]:
+            await ws.send(frame.decode())
+        await ws.wait_closed()
+
+    async with serve(feed, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        metrics_port = free_port()
+        ingestor = ServiceProcess(
+            "ingestor",
+            {
+                "NATS_URLS": nats_server.url,
+                "COINBASE_WS_URL": f"ws://127.0.0.1:{port}",
+                "COINBASE_REST_URL": f"http://127.0.0.1:{port}",
+                "COINBASE_PRODUCTS": "BTC-USD",
+                "COINBASE_CHANNELS": "ticker",
+                "METRICS_HOST": "127.0.0.1",
+                "METRICS_PORT": str(metrics_port),
+            },
+            service_logs,
+        )
+        spawn.append(ingestor.start())
+        async with jetstream(nats_server.url) as js:
+
+            async def stored() -> bool:
+                return len(await read_stream(js, "MD_RAW")) >= 2
+
+            await wait_until(stored, 20, "the subscribed product's frames in MD_RAW")
+            dead = await read_stream(js, "MD_DLQ", "md.dlq.unexpected_product")
+            raw = await read_stream(js, "MD_RAW")
+        text = await asyncio.to_thread(
+            lambda: urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics").read()
+        )
+    assert [m.data for m in dead] == strangers
+    assert [m.data for m in raw] == [odd_type, good]
+    assert {m.subject for m in raw} == {raw_subject("BTC-USD")}
+    products = {
+        s.labels["product"]
+        for family in text_string_to_metric_families(text.decode())
+        for s in family.samples
+        if "product" in s.labels
+    }
+    assert products == {"BTC-USD", "-"}, products  # "-": the published dead letters' row
+    received = {
+        s.labels["type"]: s.value
+        for family in text_string_to_metric_families(text.decode())
+        for s in family.samples
+        if s.name == "ledgerflux_ingestor_frames_received_total"
+    }
+    assert received["other"] == 1 and received["ticker"] == 1, received
+    assert ingestor.proc is not None and ingestor.proc.poll() is None, ingestor.tail()
+    assert await ingestor.terminate() == 0
