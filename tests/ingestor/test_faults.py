@@ -379,11 +379,20 @@ async def test_frames_of_products_never_subscribed_are_dead_lettered_not_publish
         json.dumps({**ticker, "product_id": p}).encode() for p in ("BTC USD", "EVIL.>", "XYZ-USD")
     ]
     odd_type = json.dumps({**ticker, "type": "z" * 200, "product_id": "BTC-USD"}).encode()
+    # feed strings that end up in the Nats-Msg-Id header: a CR LF there would be a header
+    # of its own, or a broken HPUB
+    crlf_type = json.dumps(
+        {**ticker, "type": "x\r\nNats-Expected-Stream: NOPE", "product_id": "BTC-USD"}
+    ).encode()
+    crlf_time = json.dumps({
+        "type": "heartbeat", "product_id": "BTC-USD", "sequence": 10, "last_trade_id": 1,
+        "time": "2026-11-29T10:00:00Z\r\nNats-Expected-Stream: NOPE",
+    }).encode()  # fmt: skip
     good = json.dumps({**ticker, "product_id": "BTC-USD", "sequence": 11}).encode()
 
     async def feed(ws: ServerConnection) -> None:
         await ws.recv()  # the subscribe
-        for frame in [*strangers, odd_type, good]:
+        for frame in [*strangers, odd_type, crlf_type, crlf_time, good]:
             await ws.send(frame.decode())
         await ws.wait_closed()
 
@@ -407,7 +416,7 @@ async def test_frames_of_products_never_subscribed_are_dead_lettered_not_publish
         async with jetstream(nats_server.url) as js:
 
             async def stored() -> bool:
-                return len(await read_stream(js, "MD_RAW")) >= 2
+                return len(await read_stream(js, "MD_RAW")) >= 4
 
             await wait_until(stored, 20, "the subscribed product's frames in MD_RAW")
             dead = await read_stream(js, "MD_DLQ", "md.dlq.unexpected_product")
@@ -416,7 +425,7 @@ async def test_frames_of_products_never_subscribed_are_dead_lettered_not_publish
             lambda: urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics").read()
         )
     assert [m.data for m in dead] == strangers
-    assert [m.data for m in raw] == [odd_type, good]
+    assert [m.data for m in raw] == [odd_type, crlf_type, crlf_time, good]
     assert {m.subject for m in raw} == {raw_subject("BTC-USD")}
     products = {
         s.labels["product"]
@@ -431,6 +440,6 @@ async def test_frames_of_products_never_subscribed_are_dead_lettered_not_publish
         for s in family.samples
         if s.name == "ledgerflux_ingestor_frames_received_total"
     }
-    assert received["other"] == 1 and received["ticker"] == 1, received
+    assert received["other"] == 2 and received["ticker"] == 1, received
     assert ingestor.proc is not None and ingestor.proc.poll() is None, ingestor.tail()
     assert await ingestor.terminate() == 0
