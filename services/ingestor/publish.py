@@ -140,7 +140,14 @@ async def _publish_until_stopped(
                 log.info("draining_buffer", frames=len(buffer))
             if not buffer or time.monotonic() >= deadline:
                 if buffer:
-                    log.error("drain_timeout_frames_unpublished", frames=len(buffer))
+                    # logged, not counted: the process exits before another scrape. The
+                    # next ingestor's first heartbeat per product shows the gap and resyncs
+                    unpublished = Counter(item.product for item in buffer.peek(len(buffer)))
+                    log.error(
+                        "drain_timeout_frames_unpublished",
+                        frames=len(buffer),
+                        products=dict(sorted(unpublished.items())),
+                    )
                 return
         await buffer.wait(stop)
         window = buffer.peek(batch_max)

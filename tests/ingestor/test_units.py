@@ -8,15 +8,20 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 
+import nats
 import orjson
 import pytest
+from structlog.testing import capture_logs
 
+from services.common.publisher import Publisher
+from services.common.settings import CommonSettings
 from services.common.subjects import HDR_RECV_NS, HDR_RESYNC
 from services.devstack.ports import free_port
+from services.devstack.servers import NatsServer
 from services.feedsim import FeedSim
 from services.ingestor.errors import RestRateLimitedError, RestStatusError, RestUnavailableError
 from services.ingestor.frames import parse_frame
-from services.ingestor.publish import OutboundBuffer, Outgoing
+from services.ingestor.publish import OutboundBuffer, Outgoing, publish_loop
 from services.ingestor.rest import RestClient, RestTicker
 from services.ingestor.resync import HDR_RESYNC_REASON, Resyncer, resync_frame
 from services.ingestor.sequences import Gap, SequenceTracker
@@ -324,6 +329,35 @@ def test_buffer_remembers_products_that_lost_state_frames() -> None:
     assert len(buffer) == 100
     assert buffer.take_dropped() == {"B"}
     assert buffer.take_dropped() == set()
+
+
+async def test_frames_left_at_the_drain_deadline_are_logged_per_product(
+    nats_server: NatsServer,
+) -> None:
+    """Stopped while nothing stores its frames (no MD_RAW stream: every publish fails and
+    is retried): at DRAIN_TIMEOUT_S the loop gives up and says how many frames of which
+    products were never published (a counter would die with the process unscraped)."""
+    nc = await nats.connect(nats_server.url)
+    settings = CommonSettings(nats_urls=[nats_server.url], publish_ack_timeout_s=0.2)
+    buffer = OutboundBuffer(maxlen=100)
+    for product, n in (("BTC-USD", 3), ("ETH-USD", 2)):
+        for _ in range(n):
+            buffer.put(Outgoing("MD_RAW", f"md.raw.{product}", b"{}", None, {}, product, "ticker"))
+    stop = asyncio.Event()
+    stop.set()
+    try:
+        with capture_logs() as logs:
+            await asyncio.wait_for(
+                publish_loop(
+                    Publisher(nc, settings), buffer, batch_max=10, stop=stop, drain_timeout_s=0.5
+                ),
+                10,
+            )
+    finally:
+        await nc.close()
+    (given_up,) = [e for e in logs if e["event"] == "drain_timeout_frames_unpublished"]
+    assert given_up["frames"] == 5
+    assert given_up["products"] == {"BTC-USD": 3, "ETH-USD": 2}
 
 
 def test_metric_label_values_match_the_code() -> None:
