@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 from services.common.subjects import (
     DLQ_STREAM,
@@ -92,8 +93,8 @@ def process_batch(
     frames_in = result.frames_in
     tickers = 0  # counted locally: a Counter update per frame costs more than the check
     for frame in frames:
-        product = product_of_raw(frame.subject)
-        if product is not None and shard_of(product, num_shards) not in owned_shards:
+        product, owned, subject = _route(frame.subject, num_shards, owned_shards)
+        if not owned:
             result.not_owned += 1
             continue
         headers = frame.headers or _NO_HEADERS
@@ -128,7 +129,7 @@ def process_batch(
         outputs.append(
             Output(
                 TICKS_STREAM,
-                tick_subject(product, num_shards),
+                subject,
                 encode_ticker(decoded, recv_ns, resync=HDR_RESYNC in headers),
                 f"tick:coinbase:{product}:{seq}",
                 None,
@@ -142,6 +143,24 @@ def process_batch(
 
 
 _NO_HEADERS: dict[str, str] = {}
+
+_Route = tuple[str | None, bool, str]  # product, owned, MD_TICKS subject
+
+
+@lru_cache(maxsize=65_536)
+def _route(raw_subject: str, num_shards: int, owned_shards: frozenset[int]) -> _Route:
+    """A raw subject's product, whether this replica owns its shard, and its MD_TICKS
+    subject: one cached lookup per frame instead of a parse, a CRC and a format (~1.2 µs
+    of ~10 per frame in bench/normalize.py). Bounded: a stream of made-up subjects only
+    churns the cache."""
+    product = product_of_raw(raw_subject)
+    if product is None:
+        return None, True, ""  # dead-lettered below: a frame with no product is ours too
+    return (
+        product,
+        shard_of(product, num_shards) in owned_shards,
+        tick_subject(product, num_shards),
+    )
 
 
 def _recv_ns(headers: dict[str, str], now_ns: int) -> int:
