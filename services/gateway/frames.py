@@ -22,8 +22,20 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 from websockets.protocol import State
 
 from services.common.aio import Signal
+from services.common.logging import get_logger
+from services.common.logthrottle import throttle
+from services.common.tokenbucket import TokenBucket
+from services.gateway import metrics
+
+log = get_logger(__name__)
 
 FRAME_WRITER = "ledgerflux.frame_writer"
+# A client's WebSocket pings: a keepalive is one every ~20 s and browsers send none, so 10 a
+# second after a burst of 50 is generous. Past that the client is flooding (each ping costs a
+# frame parse and a pong write, outside the command limit): closed with 1008.
+PING_RATE_PER_S = 10.0
+PING_BURST = 50
+_CLOSE_POLICY = 1008  # connection.CLOSE_POLICY (connection imports this module)
 
 _FIN_TEXT = 0x81  # FIN + opcode 1 (text)
 
@@ -99,6 +111,32 @@ class FrameWriterProtocol(WebSocketsSansIOProtocol):
         self.queue = _Inbox()  # type: ignore[assignment]
         self.writable = Signal()  # type: ignore[assignment]
         self.writable.set()
+
+    # created at a client's first ping: most connections never send one
+    _pings: TokenBucket | None = None
+
+    def handle_ping(self) -> None:
+        if self._pings is None:
+            self._pings = TokenBucket(PING_RATE_PER_S, PING_BURST)
+        if self._pings.take() or self.close_sent:
+            super().handle_ping()
+            return
+        metrics.PING_FLOODS.inc()
+        throttle.emit(log.warning, "ping_flood", rate_per_s=PING_RATE_PER_S, burst=PING_BURST)
+        # as uvicorn's own close for the app: the session is told "disconnect 1008", the
+        # close frame goes out after the pongs already queued, and the socket closes when
+        # the client echoes it (closing at once reset the connection under the client's
+        # pending pings, and it never saw the close frame) or after close_timeout
+        self.queue.put_nowait(
+            {"type": "websocket.disconnect", "code": _CLOSE_POLICY, "reason": "ping flood"}
+        )
+        self.conn.send_close(_CLOSE_POLICY, "ping flood")
+        self.transport.write(b"".join(self.conn.data_to_send()))
+        self.close_sent = True
+        if self.read_paused:
+            self.read_paused = False
+            self.transport.resume_reading()
+        self.close_timer = self.loop.call_later(self.close_timeout, self.transport.close)
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)

@@ -88,6 +88,10 @@ BATCH_MESSAGES = Histogram(
     "Messages per JSON-array frame (?batch=true)",
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 1024),
 )
+PING_FLOODS = Counter(
+    "ledgerflux_gateway_ping_floods_total",
+    "Clients closed with 1008 for sending WebSocket pings faster than the ping limit",
+)
 SLOW_CONSUMERS = Counter(
     "ledgerflux_gateway_slow_consumers_total", "Clients closed with 4008 (could not drain)"
 )

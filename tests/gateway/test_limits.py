@@ -15,6 +15,7 @@ from itertools import pairwise
 import pytest
 import websockets
 
+from services.gateway.frames import PING_BURST
 from tests.gateway.conftest import StartGateway
 from tests.gateway.helpers import (
     Client,
@@ -118,6 +119,38 @@ async def test_a_command_flood_gets_rate_limited_then_closed_with_1008(gw: Stack
     refused = {m["id"] for m in limited}
     assert len(refused) == 9 and refused <= set(range(40))
     assert not refused & {m["id"] for m in pongs}
+
+
+async def test_a_websocket_ping_flood_is_closed_with_1008_and_keepalives_are_not(
+    gw: Stack,
+) -> None:
+    """Protocol-level pings are outside the command limit but not free: past PING_BURST
+    plus PING_RATE_PER_S the client is closed with 1008 ("ping flood"), counted. A client
+    pinging within the limit keeps its pongs and its connection. (Every ping was answered
+    for as long as the client liked.)"""
+    closed_1008 = await asyncio.to_thread(
+        gw.gateway.metric, "ledgerflux_gateway_disconnects_total", code="1008"
+    )
+    steady = await Client.connect(gw.gateway.url)
+    assert (await steady.recv())["type"] == "welcome"
+    for _ in range(PING_BURST // 2):
+        await asyncio.wait_for(await steady.ws.ping(), 5)  # its pong came
+
+    flooder = await Client.connect(gw.gateway.url)
+    assert (await flooder.recv())["type"] == "welcome"
+    for _ in range(PING_BURST * 4):
+        await flooder.ws.ping()
+    assert await flooder.close_code() == 1008
+    assert flooder.ws.close_reason == "ping flood"
+    assert await gw.gateway.wait_metric("ledgerflux_gateway_ping_floods_total", 1) == 1
+    assert await gw.gateway.wait_metric(
+        "ledgerflux_gateway_disconnects_total", closed_1008 + 1, code="1008"
+    )
+
+    await asyncio.wait_for(await steady.ws.ping(), 5)
+    await steady.send({"op": "ping", "id": "still-open"})
+    assert (await steady.expect("pong"))["id"] == "still-open"
+    await steady.close()
 
 
 def _all_answered(prefix: str, count: int) -> Callable[[Client], bool]:
