@@ -210,52 +210,85 @@ def cryptofeed_us(frames: list[tuple[str, bytes]]) -> dict[str, Any] | None:
 # -- the service ---------------------------------------------------------------------------
 
 
-async def service_throughput(frames: list[tuple[str, bytes]], log_dir: Path) -> dict[str, float]:
+async def service_throughput(
+    frames: list[tuple[str, bytes]], log_dir: Path, replica_counts: tuple[int, ...] = (1, 2)
+) -> dict[str, Any]:
+    """The baseline publish once, then for each replica count a fresh MD_RAW/MD_TICKS with
+    the frames preloaded and that many normalizer processes splitting the shards
+    (``NORMALIZER_SHARDS``), timed from the first replica's start until every consumer is
+    idle. Two replicas is how the service scales (DESIGN §6); on this 2-core machine they
+    share the cores with nats-server."""
     import nats
 
     from services.common import broker
     from services.common.settings import CommonSettings
     from services.devstack.servers import NatsServer
+
+    out: dict[str, Any] = {"frames": len(frames)}
+    for replicas in replica_counts:
+        server = NatsServer.on_free_ports(log_dir / f"nats-{replicas}")
+        server.start()
+        try:
+            nc = await nats.connect(server.url)
+            settings = CommonSettings(nats_urls=[server.url])
+            publisher = broker.Publisher(nc, settings)
+            await broker.ensure_streams(publisher.js, settings)
+            # the baseline is nats-py's own publish_async (our Publisher is leaner: the
+            # service would otherwise be compared with its own publish path)
+            js = nc.jetstream(publish_async_max_pending=4096)
+            started = time.perf_counter()
+            for start in range(0, len(frames), 4096):
+                futures = [
+                    await js.publish_async(raw_subject(p), d, headers={"Ledgerflux-Recv-Ns": "1"})
+                    for p, d in frames[start : start + 4096]
+                ]
+                await asyncio.gather(*futures)
+            if replicas == replica_counts[0]:
+                out["baseline_js_publish_per_s"] = len(frames) / (time.perf_counter() - started)
+            run = await _drain_with(publisher, server.url, settings.num_shards, replicas, log_dir)
+            await nc.close()
+        finally:
+            server.stop()
+        out[f"replicas_{replicas}"] = run
+        if replicas == 1:
+            out["ticks_stored"] = run["ticks_stored"]
+            out["normalizer_ticks_per_s"] = run["ticks_per_s"]
+    return out
+
+
+async def _drain_with(
+    publisher: Any, nats_url: str, num_shards: int, replicas: int, log_dir: Path
+) -> dict[str, Any]:
     from tests.support.procs import ServiceProcess
     from tests.support.streams import wait_consumer_idle
 
-    server = NatsServer.on_free_ports(log_dir / "nats")
-    server.start()
+    shards = [list(range(num_shards))[i::replicas] for i in range(replicas)]
+    procs = []
     try:
-        nc = await nats.connect(server.url)
-        settings = CommonSettings(nats_urls=[server.url])
-        publisher = broker.Publisher(nc, settings)
-        await broker.ensure_streams(publisher.js, settings)
-        # the baseline is nats-py's own publish_async (our Publisher is leaner: the service
-        # would otherwise be compared with its own publish path)
-        js = nc.jetstream(publish_async_max_pending=4096)
-        started = time.perf_counter()
-        for start in range(0, len(frames), 4096):
-            futures = [
-                await js.publish_async(raw_subject(p), d, headers={"Ledgerflux-Recv-Ns": "1"})
-                for p, d in frames[start : start + 4096]
-            ]
-            await asyncio.gather(*futures)
-        publish_s = time.perf_counter() - started
-        proc = ServiceProcess(
-            "normalizer", {"NATS_URLS": server.url, "METRICS_PORT": "0"}, log_dir
-        ).start()
-        try:
-            await proc.wait_for_event("normalizer_started", timeout=60)
-            started = time.perf_counter()
-            await wait_consumer_idle(publisher.js, "MD_RAW", "normalizer", timeout=600)
-            drain_s = time.perf_counter() - started
-            stored = (await publisher.js.stream_info("MD_TICKS")).state.messages
-        finally:
-            await proc.terminate()
-        await nc.close()
+        for owned in shards:
+            env = {"NATS_URLS": nats_url, "METRICS_PORT": "0"}
+            if replicas > 1:
+                env["NORMALIZER_SHARDS"] = ",".join(map(str, owned))
+            procs.append(ServiceProcess("normalizer", env, log_dir).start())
+        durables = []
+        started = None
+        for proc in procs:
+            event = await proc.wait_for_event("normalizer_started", timeout=60)
+            started = started or time.perf_counter()  # the first one is already draining
+            durables.append(event["durable"])
+        for durable in durables:
+            await wait_consumer_idle(publisher.js, "MD_RAW", durable, timeout=600)
+        assert started is not None
+        drain_s = time.perf_counter() - started
+        stored = (await publisher.js.stream_info("MD_TICKS")).state.messages
     finally:
-        server.stop()
+        for proc in procs:
+            await proc.terminate()
     return {
-        "frames": len(frames),
+        "replicas": replicas,
+        "shards": shards,
         "ticks_stored": stored,
-        "baseline_js_publish_per_s": len(frames) / publish_s,
-        "normalizer_ticks_per_s": stored / drain_s,
+        "ticks_per_s": stored / drain_s,
     }
 
 
@@ -298,7 +331,9 @@ def main() -> int:
     results["ratios_vs_ours"] = {k: v / ours for k, v in per_frame.items() if k != "ours"}
     if not args.no_service:
         print(
-            f"  service: {args.service_frames} frames through a normalizer process ...", flush=True
+            f"  service: {args.service_frames} frames through one, then two normalizer "
+            "processes ...",
+            flush=True,
         )
         service_frames = ticker_frames(args.service_frames, synthetic_products(100))
         with tempfile.TemporaryDirectory() as tmp:
@@ -313,6 +348,10 @@ def main() -> int:
         print(f"\nservice: {s['normalizer_ticks_per_s']:,.0f} ticks/s sustained "
               f"(nats-py publish_async {s['baseline_js_publish_per_s']:,.0f} msg/s), "
               f"{s['ticks_stored']} of {s['frames']} stored")  # fmt: skip
+        if "replicas_2" in s:
+            two = s["replicas_2"]
+            print(f"two replicas (shards {two['shards']}): {two['ticks_per_s']:,.0f} ticks/s, "
+                  f"{two['ticks_stored']} of {s['frames']} stored")  # fmt: skip
     return 0
 
 

@@ -118,6 +118,13 @@ def _normalize_goals(r: dict[str, Any] | None) -> list[Goal]:
         f"nats-py publish_async windowed {_num(base)} msg/s", _ratio(rate, base),
         None if rate is None else rate >= 30_000,
     ))  # fmt: skip
+    two = _dig(r, "service", "replicas_2", "ticks_per_s")
+    if two is not None:
+        goals.append(Goal(
+            "Normalizer service, two replicas split by shard", "≥ 30,000 ticks/s",
+            _num(two, unit=" ticks/s"), f"one replica {_num(rate)} ticks/s",
+            _ratio(two, rate), two >= 30_000,
+        ))  # fmt: skip
     return goals
 
 
