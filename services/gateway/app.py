@@ -174,12 +174,15 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             throttle.emit(log.info, "auth_failed", reason=reason, client=str(ws.client))
             await _deny(ws, f"{reason} API key")
             return
-        if not state.accepting or len(state.hub.connections) >= settings.ws_max_connections:
-            await _refuse(ws, "server busy or shutting down")
+        if not state.accepting:
+            await _refuse(ws, "shutting_down", "server shutting down")
+            return
+        if len(state.hub.connections) >= settings.ws_max_connections:
+            await _refuse(ws, "max_connections", "server busy")
             return
         kid = key_id(key) if key is not None and state.gatekeeper.keys_required else None
         if kid is not None and not await state.limiter.acquire(kid):
-            await _refuse(ws, "too many connections for this API key")
+            await _refuse(ws, "key_limit", "too many connections for this API key")
             return
         try:
             await ws.accept()
@@ -203,8 +206,10 @@ async def _deny(ws: WebSocket, message: str) -> None:
     await ws.send_denial_response(JSONResponse(body, status_code=403))
 
 
-async def _refuse(ws: WebSocket, reason: str) -> None:
+async def _refuse(ws: WebSocket, cause: str, reason: str) -> None:
+    """Accept, then close with 1013 (try again later) saying why."""
     metrics.DISCONNECTS.labels(code=str(CLOSE_TRY_AGAIN)).inc()
-    throttle.emit(log.info, "connection_refused", reason=reason, client=str(ws.client))
+    metrics.REFUSED.labels(cause=cause).inc()
+    throttle.emit(log.info, "connection_refused", cause=cause, client=str(ws.client))
     await ws.accept()
     await ws.close(CLOSE_TRY_AGAIN, reason)

@@ -88,6 +88,14 @@ BATCH_MESSAGES = Histogram(
     "Messages per JSON-array frame (?batch=true)",
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 1024),
 )
+REFUSED = Counter(
+    "ledgerflux_gateway_connections_refused_total",
+    "Connections closed with 1013 at once, by cause: max_connections (WS_MAX_CONNECTIONS), "
+    "key_limit (WS_MAX_CONNECTIONS_PER_KEY), shutting_down",
+    ["cause"],
+)
+for _cause in ("max_connections", "key_limit", "shutting_down"):
+    REFUSED.labels(cause=_cause)
 PING_FLOODS = Counter(
     "ledgerflux_gateway_ping_floods_total",
     "Clients closed with 1008 for sending WebSocket pings faster than the ping limit",

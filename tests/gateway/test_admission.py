@@ -102,6 +102,10 @@ async def test_the_per_key_limit_holds_per_process_while_redis_is_down(gw: Stack
         assert (await client.recv())["type"] == "welcome"
     third = await Client.connect(url + KEYS[0])
     assert await third.close_code() == 1013
+    assert third.ws.close_reason == "too many connections for this API key"
+    assert await gw.gateway.wait_metric(
+        "ledgerflux_gateway_connections_refused_total", 1, cause="key_limit"
+    )
     other = await Client.connect(url + KEYS[1])
     assert (await other.recv())["type"] == "welcome"
     # the start-up heartbeat already found Redis down: the connect path then skips it

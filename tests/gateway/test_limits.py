@@ -185,6 +185,10 @@ async def test_connections_over_ws_max_connections_are_closed_with_1013(gw: Stac
         assert (await client.recv())["type"] == "welcome"
     extra = await Client.connect(gw.gateway.url)
     assert await extra.close_code() == 1013
+    assert extra.ws.close_reason == "server busy"
+    assert await gw.gateway.wait_metric(
+        "ledgerflux_gateway_connections_refused_total", 1, cause="max_connections"
+    )
     await clients.pop().close()
     await gw.gateway.wait_metric("ledgerflux_gateway_disconnects_total", 1, code="1000")
     deadline = time.monotonic() + 5
