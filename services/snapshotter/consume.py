@@ -89,6 +89,7 @@ class Pass:
                     price=tick.price,
                     time=tick.time,
                     stream_seq=msg.stream_seq,
+                    recv_ns=tick.recv_ns,
                 )
             )
         return out
@@ -173,6 +174,10 @@ async def consume(
         written = work.winners()
         if not await writer.write_all(written, stop):
             return False
+        now_ns = time.time_ns()
+        for item in written:
+            if item.recv_ns:
+                metrics.STATE_LAG.observe(max(0.0, (now_ns - item.recv_ns) / 1e9))
         log.debug(
             "pass_written",
             ticks=work.count,

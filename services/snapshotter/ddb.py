@@ -87,6 +87,7 @@ class LatestTick:
     price: str
     time: str
     stream_seq: int
+    recv_ns: int = 0  # the tick's exchange receive time, for the state-lag metric (0: unknown)
 
 
 async def ensure_table(ddb: DynamoDBClient, table: str, *, create: bool) -> None:

@@ -15,6 +15,12 @@ DDB_WRITE_SECONDS = Histogram(
     "Latency of one conditional DynamoDB write",
     buckets=LATENCY_BUCKETS,
 )
+STATE_LAG = Histogram(
+    "ledgerflux_snapshotter_state_lag_seconds",
+    "Per product written, how old its newest tick was (now - recv_ns) when the DynamoDB write "
+    "that stores it succeeded: how far the latest state trails the exchange",
+    buckets=(*LATENCY_BUCKETS, 10.0, 30.0, 60.0, 300.0),
+)
 ERRORS = Counter("ledgerflux_snapshotter_errors_total", "Errors by kind", ["kind"])
 BAD_TICKS = Counter(
     "ledgerflux_snapshotter_bad_ticks_total", "Messages on MD_TICKS that are not canonical ticks"

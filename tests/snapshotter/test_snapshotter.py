@@ -9,6 +9,7 @@ import random
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -19,12 +20,14 @@ import nats
 import pytest
 from aiobotocore.config import AioConfig
 from nats.aio.client import Client as NATS
+from prometheus_client.parser import text_string_to_metric_families
 
 from services.common import broker
 from services.common.laststate import load_last_ticks
 from services.common.models import Tick, encode_tick
 from services.common.settings import CommonSettings
 from services.common.subjects import TICKS_STREAM, tick_subject
+from services.devstack.ports import free_port
 from services.devstack.stack import DevStack, StackPorts
 from services.snapshotter.snapshots import parse_snapshot
 from tests.support.procs import REPO, ServiceProcess
@@ -79,6 +82,18 @@ async def _publish(nc: NATS, url: str, ticks: list[Tick], pause_every: int = 0) 
         await publisher.wait(pending)
         if pause_every:
             await asyncio.sleep(0.05)
+
+
+def _histogram(port: int, name: str) -> dict[float, float]:
+    """Cumulative bucket counts of a histogram on a service's /metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    return {
+        float(sample.labels["le"]): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == f"{name}_bucket"
+    }
 
 
 def _env(stack: DevStack, table: str, bucket: str, **extra: str) -> dict[str, str]:
@@ -143,10 +158,10 @@ async def test_out_of_order_duplicates_and_two_replicas_leave_the_newest_tick(
     rng.shuffle(ticks)
     await _publish(nc, own_stack.nats.url, ticks)
     table, bucket = f"t-{uuid.uuid4().hex[:8]}", f"b-{uuid.uuid4().hex[:8]}"
-    for durable in ("replica-a", "replica-b"):
-        proc = ServiceProcess(
-            "snapshotter", _env(own_stack, table, bucket, SNAPSHOTTER_DURABLE=durable), service_logs
-        )
+    metrics_port = free_port()
+    for durable, port in (("replica-a", str(metrics_port)), ("replica-b", "0")):
+        env = _env(own_stack, table, bucket, SNAPSHOTTER_DURABLE=durable, METRICS_PORT=port)
+        proc = ServiceProcess("snapshotter", env, service_logs)
         spawn.append(proc.start())
         await proc.wait_for_event("snapshotter_started", timeout=60)
     js = nc.jetstream()
@@ -155,6 +170,13 @@ async def test_out_of_order_duplicates_and_two_replicas_leave_the_newest_tick(
     newest = {p: max((t for t in ticks if t.product == p), key=lambda t: t.seq) for p in PRODUCTS}
     stored = await _table(own_stack, table)
     assert stored == {p: json.loads(encode_tick(t)) for p, t in newest.items()}
+    # state lag: one observation per product written, now - recv_ns (these ticks say they
+    # were received in 1970, so every one is past the last finite bucket)
+    buckets = await asyncio.to_thread(
+        _histogram, metrics_port, "ledgerflux_snapshotter_state_lag_seconds"
+    )
+    assert buckets[float("inf")] >= len(PRODUCTS)
+    assert buckets[300.0] == 0, buckets
     for proc in spawn:
         assert await proc.terminate() == 0, proc.tail()
 
