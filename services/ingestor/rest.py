@@ -3,13 +3,21 @@
 Public endpoints allow 10 requests/s per IP with bursts to 15 (a lazy-fill token bucket,
 coinbase-protocol.md §3) and answer 429 beyond; every request waits for a token here, and
 a 429 pauses the bucket for everyone (``Retry-After`` when sent, else a doubling pause).
-The blocking urllib call runs in a worker thread, so the event loop (and the feed reader
-on it) never waits on the network.
+The blocking urllib call runs in a daemon thread of its own, so the event loop (and the
+feed reader on it) never waits on the network, and the request as a whole has a deadline
+(``timeout_s``): urllib's timeout is per socket read, so a server trickling a byte at a
+time held a request (and, through asyncio's default executor, the process's exit) for
+minutes. A request past its deadline is abandoned to its thread, which ends at the next
+socket timeout.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import http.client
+import math
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -30,6 +38,7 @@ USER_AGENT = "ledgerflux-ingestor/0.1"  # Coinbase rejects requests without a Us
 _MAX_BODY = 64 * 1024
 _DEFAULT_429_PAUSE_S = 1.0
 _MAX_429_PAUSE_S = 30.0
+_MAX_REQUEST_THREADS = 16
 
 
 class RestTicker(msgspec.Struct):
@@ -121,6 +130,8 @@ class RestClient:
         self.timeout_s = timeout_s
         self.bucket = TokenBucket(rate, burst)
         self._pause_s = _DEFAULT_429_PAUSE_S
+        # threads of abandoned requests linger until their server stops trickling: bounded
+        self._threads = threading.BoundedSemaphore(_MAX_REQUEST_THREADS)
 
     async def ticker(
         self, product: str, *, cancel_if: Callable[[], bool] | None = None
@@ -137,7 +148,7 @@ class RestClient:
         url = f"{self.base_url}/products/{quote(product, safe='')}/ticker"
         started = time.perf_counter()
         try:
-            body = await asyncio.to_thread(self._get, url)
+            body = await self._fetch(url)
         except RestRateLimitedError as exc:
             metrics.REST_REQUESTS.labels(outcome="rate_limited").inc()
             remaining = self.bucket.paused_for()
@@ -155,6 +166,9 @@ class RestClient:
         except RestUnavailableError:
             metrics.REST_REQUESTS.labels(outcome="unavailable").inc()
             raise
+        except RestBadResponseError:
+            metrics.REST_REQUESTS.labels(outcome="bad_response").inc()
+            raise
         finally:
             self.bucket.settle()  # answered, failed or cancelled: the server has seen it
         metrics.REST_SECONDS.observe(time.perf_counter() - started)
@@ -166,6 +180,43 @@ class RestClient:
             raise RestBadResponseError(url, str(exc)) from None
         metrics.REST_REQUESTS.labels(outcome="ok").inc()
         return ticker
+
+    async def _fetch(self, url: str) -> bytes:
+        """:meth:`_get` in a daemon thread, within ``timeout_s`` in all."""
+        if not self._threads.acquire(blocking=False):
+            raise RestUnavailableError(
+                url, f"{_MAX_REQUEST_THREADS} earlier requests still hang past their deadline"
+            )
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[bytes] = loop.create_future()
+
+        def settle(body: bytes | None, error: BaseException | None) -> None:
+            if done.done():
+                return  # the caller gave up on it already
+            if error is not None:
+                done.set_exception(error)
+            else:
+                assert body is not None
+                done.set_result(body)
+
+        def run() -> None:
+            try:
+                body, error = self._get(url), None
+            except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
+                body, error = None, exc
+            finally:
+                self._threads.release()
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                loop.call_soon_threadsafe(settle, body, error)
+
+        threading.Thread(target=run, name="rest-get", daemon=True).start()
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                return await done
+        except TimeoutError:
+            raise RestUnavailableError(
+                url, f"no complete answer within {self.timeout_s}s"
+            ) from None
 
     def _get(self, url: str) -> bytes:
         request = urllib.request.Request(
@@ -180,6 +231,8 @@ class RestClient:
             if exc.code == 429:
                 raise RestRateLimitedError(_retry_after(exc.headers.get("Retry-After"))) from None
             raise RestStatusError(url, exc.code) from None
+        except http.client.HTTPException as exc:  # a broken status line, chunk or header
+            raise RestBadResponseError(url, f"malformed HTTP: {exc!r}") from None
         except (urllib.error.URLError, OSError, TimeoutError) as exc:
             raise RestUnavailableError(url, str(exc)) from None
 
@@ -191,5 +244,7 @@ def _retry_after(value: str | None) -> float | None:
     try:
         seconds = float(value)
     except ValueError:
+        return None
+    if not math.isfinite(seconds):  # "nan" and "inf" parse; a NaN delay crashed the resyncer
         return None
     return min(max(seconds, 0.0), _MAX_429_PAUSE_S)

@@ -5,6 +5,7 @@ resyncer (coalescing, superseding, retries) feeding a real outbound buffer."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 
@@ -19,7 +20,12 @@ from services.common.subjects import HDR_RECV_NS, HDR_RESYNC
 from services.devstack.ports import free_port
 from services.devstack.servers import NatsServer
 from services.feedsim import FeedSim
-from services.ingestor.errors import RestRateLimitedError, RestStatusError, RestUnavailableError
+from services.ingestor.errors import (
+    RestBadResponseError,
+    RestRateLimitedError,
+    RestStatusError,
+    RestUnavailableError,
+)
 from services.ingestor.frames import parse_frame
 from services.ingestor.publish import OutboundBuffer, Outgoing, publish_loop
 from services.ingestor.rest import RestClient, RestTicker
@@ -190,6 +196,57 @@ async def test_rest_client_backs_off_on_429(quiet_sim: FeedSim) -> None:
     started = time.monotonic()
     await client.bucket.acquire()
     assert time.monotonic() - started >= 0.5  # paused ~1 s (no Retry-After sent)
+
+
+@contextlib.asynccontextmanager
+async def _misbehaving_rest(answer: bytes, trickle_s: float = 0.0) -> AsyncIterator[str]:
+    """An HTTP server that sends ``answer`` to every request (a byte every ``trickle_s``)."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            await reader.readuntil(b"\r\n\r\n")
+            if trickle_s:
+                for byte in answer:
+                    writer.write(bytes([byte]))
+                    await writer.drain()
+                    await asyncio.sleep(trickle_s)
+            else:
+                writer.write(answer)
+                await writer.drain()
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    async with server:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+
+
+async def test_rest_answers_that_broke_the_resyncer_are_typed_errors() -> None:
+    """Three REST answers the resyncer could not survive: ``Retry-After: nan`` (a NaN delay
+    crashed the service under uvloop), a broken status line (a traceback, never retried),
+    and a server trickling its answer a byte at a time (urllib's timeout is per read: it
+    held the request, and the process's exit, for minutes). Each is now an error the
+    resyncer retries, within the client's timeout."""
+    nan_429 = b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: nan\r\nContent-Length: 0\r\n\r\n"
+    async with _misbehaving_rest(nan_429) as url:
+        with pytest.raises(RestRateLimitedError) as limited:
+            await RestClient(url, timeout_s=2, rate=100, burst=100).ticker("BTC-USD")
+    assert limited.value.retry_after_s == 1.0  # the default pause, not NaN
+
+    before = local_value("ledgerflux_ingestor_rest_requests_total", outcome="bad_response")
+    async with _misbehaving_rest(b"HTTP/1.1 OK-ish\r\n\r\n{}") as url:
+        with pytest.raises(RestBadResponseError):
+            await RestClient(url, timeout_s=2, rate=100, burst=100).ticker("BTC-USD")
+    assert local_value("ledgerflux_ingestor_rest_requests_total", outcome="bad_response") == (
+        before + 1
+    )
+
+    body = b'{"trade_id": 1, "price": "1.0", "time": "2026-11-29T10:00:00Z"}'.ljust(400)
+    slow = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body)
+    async with _misbehaving_rest(slow, trickle_s=0.05) as url:
+        started = time.monotonic()
+        with pytest.raises(RestUnavailableError, match=r"no complete answer within 0\.5s"):
+            await RestClient(url, timeout_s=0.5, rate=100, burst=100).ticker("BTC-USD")
+        assert time.monotonic() - started < 5  # the whole answer takes 20 s to trickle
 
 
 async def test_rest_client_errors_are_typed(quiet_sim: FeedSim) -> None:
