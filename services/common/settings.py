@@ -145,7 +145,10 @@ def _describe(exc: ValidationError) -> str:
     for error in exc.errors():
         field = ".".join(str(part) for part in error["loc"]) or "settings"
         env = field.split(".")[0].upper()
-        # URLs may carry credentials and keys are secrets: never echo those values
-        shown = "" if any(h in env for h in _SECRET_HINTS) else f" (got {error.get('input')!r})"
+        # URLs may carry credentials and keys are secrets: never echo those values. An
+        # error of the model as a whole (a check across fields) has no field, and its input
+        # is every setting, secrets included
+        secret = not error["loc"] or any(h in env for h in _SECRET_HINTS)
+        shown = "" if secret else f" (got {error.get('input')!r})"
         problems.append(f"{env}: {error['msg']}{shown}")
     return "; ".join(problems)

@@ -122,6 +122,21 @@ def test_config_errors_never_echo_urls_or_keys(monkeypatch: pytest.MonkeyPatch) 
     assert "hunter2" not in str(excinfo.value)
 
 
+def test_a_check_across_settings_never_echoes_the_other_settings(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """NORMALIZER_SHARDS beyond NUM_SHARDS fails a check of the settings as a whole, whose
+    input is every setting: the line printed them all, NATS credentials included."""
+    from services.normalizer.settings import NormalizerSettings
+
+    monkeypatch.setenv("NATS_URLS", "nats://user:hunter2@host:4222")
+    monkeypatch.setenv("NORMALIZER_SHARDS", "9")
+    with pytest.raises(ConfigError) as excinfo:
+        NormalizerSettings.load([])
+    assert "NORMALIZER_SHARDS" in str(excinfo.value)
+    assert "hunter2" not in str(excinfo.value), str(excinfo.value)
+
+
 def test_aws_keys_in_a_dotenv_file_reach_the_clients(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
