@@ -12,13 +12,15 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
 from services.common.aio import sleep_or_stop
 from services.common.errors import StoppedError
 from services.common.logging import get_logger
+from services.common.logthrottle import throttle
+from services.common.models import decode_tick
 from services.snapshotter import metrics
 from services.snapshotter.errors import TableSchemaError
 
@@ -240,17 +242,43 @@ class LatestWriter:
 
 
 async def read_latest(ddb: DynamoDBClient, table: str) -> dict[str, LatestTick]:
-    """Every product's stored latest tick (a full, consistent scan)."""
+    """Every product's stored latest tick (a full, consistent scan). An item that is not one
+    this code wrote (no canonical tick, a seq other than the tick's) is skipped, counted
+    (``errors_total{kind="bad_ddb_item"}``) and logged: it crash-looped the snapshotter at
+    start, or went verbatim into every snapshot and broke restore."""
     out: dict[str, LatestTick] = {}
     paginator = ddb.get_paginator("scan")
     async for page in paginator.paginate(TableName=table, ConsistentRead=True):
         for item in page.get("Items", []):
-            out[item["product"]["S"]] = LatestTick(
-                product=item["product"]["S"],
-                seq=int(item["seq"]["N"]),
-                tick_json=item["tick"]["S"],
-                price=item["price"]["S"],
-                time=item["time"]["S"],
-                stream_seq=int(item.get("stream_seq", {}).get("N", "0")),
-            )
+            try:
+                latest = _latest_of(item)
+            except (KeyError, TypeError, ValueError) as exc:  # msgspec's errors included
+                metrics.ERRORS.labels(kind="bad_ddb_item").inc()
+                throttle.emit(
+                    log.error,
+                    "bad_ddb_item",
+                    table=table,
+                    product=str(item.get("product", {}).get("S", "?"))[:80],
+                    error=repr(exc)[:300],
+                )
+                continue
+            out[latest.product] = latest
     return out
+
+
+def _latest_of(item: dict[str, Any]) -> LatestTick:
+    product = item["product"]["S"]
+    tick_json = item["tick"]["S"]
+    tick = decode_tick(tick_json)
+    seq = int(item["seq"]["N"])
+    if tick.product != product or tick.seq != seq:
+        raise ValueError(f"item says {product} seq {seq}, its tick {tick.product} {tick.seq}")
+    return LatestTick(
+        product=product,
+        seq=seq,
+        tick_json=tick_json,
+        price=tick.price,
+        time=tick.time,
+        stream_seq=int(item.get("stream_seq", {}).get("N", "0")),
+        recv_ns=tick.recv_ns,
+    )

@@ -22,3 +22,11 @@ class StoreUnavailableError(SnapshotterError):
     def __init__(self, store: str, error: str) -> None:
         self.store = store
         super().__init__(f"{store} unavailable: {error}")
+
+
+class SnapshotReadError(SnapshotterError):
+    """An object in S3 that is not a snapshot (or pointer) this code wrote."""
+
+    def __init__(self, key: str, error: str) -> None:
+        self.key = key
+        super().__init__(f"{key} is not a valid snapshot object: {error}")

@@ -48,7 +48,7 @@ COVERED_STREAM_SEQ = Gauge(
 )
 
 # every series exists from the start (a rate of 0, not no data)
-for _kind in ("ddb_unreachable", "ddb_throttled", "ddb_error", "s3_unavailable"):
+for _kind in ("ddb_unreachable", "ddb_throttled", "ddb_error", "s3_unavailable", "bad_ddb_item"):
     ERRORS.labels(kind=_kind)
 for _outcome in ("written", "not_newer"):
     DDB_WRITES.labels(outcome=_outcome)

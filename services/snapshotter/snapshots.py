@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import time
+import zlib
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
@@ -21,6 +22,7 @@ from services.common.logging import get_logger
 from services.common.models import Tick
 from services.common.subjects import TICKS_STREAM
 from services.snapshotter import metrics
+from services.snapshotter.errors import SnapshotReadError
 from services.snapshotter.settings import SnapshotterSettings
 from services.snapshotter.state import DurableState
 
@@ -77,11 +79,30 @@ def build_snapshot(state: DurableState, settings: SnapshotterSettings, when: dat
     return head[:-1] + b',"products":{' + items + b"}}"
 
 
-def parse_snapshot(data: bytes) -> Snapshot:
-    """Decode (gunzip if needed) and schema-check a snapshot object."""
-    if data[:2] == b"\x1f\x8b":
-        data = gzip.decompress(data)
-    return msgspec.json.decode(data, type=Snapshot)
+# ~600 bytes a product: 256 MiB is some 400,000 products. A cap, so that a hostile or broken
+# object cannot inflate into gigabytes (gzip compresses repeated bytes ~1000:1)
+MAX_SNAPSHOT_BYTES = 256 * 1024 * 1024
+
+
+def parse_snapshot(data: bytes, key: str = "snapshot") -> Snapshot:
+    """Decode (gunzip if needed) and schema-check a snapshot object; raise
+    :class:`SnapshotReadError` naming ``key`` for anything else."""
+    try:
+        if data[:2] == b"\x1f\x8b":
+            inflate = zlib.decompressobj(wbits=31)  # gzip framing
+            data = inflate.decompress(data, MAX_SNAPSHOT_BYTES + 1)
+            if len(data) > MAX_SNAPSHOT_BYTES:
+                raise SnapshotReadError(key, f"inflates past {MAX_SNAPSHOT_BYTES} bytes")
+            if not inflate.eof:
+                raise SnapshotReadError(key, "truncated gzip")
+        snapshot = msgspec.json.decode(data, type=Snapshot)
+    except (zlib.error, msgspec.DecodeError) as exc:
+        raise SnapshotReadError(key, str(exc)) from None
+    if snapshot.version != SNAPSHOT_VERSION or snapshot.stream_seq < 0:
+        raise SnapshotReadError(
+            key, f"version {snapshot.version}, stream_seq {snapshot.stream_seq}: not one we wrote"
+        )
+    return snapshot
 
 
 async def ensure_bucket(s3: S3Client, bucket: str) -> None:
@@ -194,11 +215,22 @@ async def read_pointer(s3: S3Client, bucket: str, prefix: str) -> Pointer | None
         if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
             return None
         raise
+    if response.get("ContentLength", 0) > _MAX_POINTER_BYTES:
+        raise SnapshotReadError(pointer_key(prefix), f"{response['ContentLength']} bytes")
     async with response["Body"] as body:
-        return msgspec.json.decode(await body.read(), type=Pointer)
+        data = await body.read()
+    try:
+        return msgspec.json.decode(data, type=Pointer)
+    except msgspec.DecodeError as exc:
+        raise SnapshotReadError(pointer_key(prefix), str(exc)) from None
 
 
 async def read_snapshot(s3: S3Client, bucket: str, key: str) -> Snapshot:
     response = await s3.get_object(Bucket=bucket, Key=key)
+    if response.get("ContentLength", 0) > MAX_SNAPSHOT_BYTES:
+        raise SnapshotReadError(key, f"{response['ContentLength']} bytes")
     async with response["Body"] as body:
-        return parse_snapshot(await body.read())
+        return parse_snapshot(await body.read(), key)
+
+
+_MAX_POINTER_BYTES = 64 * 1024

@@ -150,6 +150,7 @@ async def _replay(
     progress = Progress("replaying MD_TICKS", last_seq - from_seq + 1)
     stop = asyncio.Event()
     seen = 0
+    bad = 0
     try:
         while True:
             msgs = await broker.fetch_batch(sub, 5000, 1.0)
@@ -157,7 +158,13 @@ async def _replay(
                 break
             latest: dict[str, LatestTick] = {}
             for msg in msgs:
-                tick = decode_tick(msg.data)
+                try:
+                    tick = decode_tick(msg.data)
+                except (msgspec.DecodeError, msgspec.ValidationError):
+                    # skipped like the live consumer does (it wiped the table before: a
+                    # crash here left it empty, and every rerun crashed the same way)
+                    bad += 1
+                    continue
                 current = latest.get(tick.product)
                 if current is None or tick.seq > current.seq:
                     latest[tick.product] = _item(tick, msg.data, msg.metadata.sequence.stream)
@@ -170,6 +177,11 @@ async def _replay(
         await sub.unsubscribe()
         await js.delete_consumer(TICKS_STREAM, name)
     progress.finish()
+    if bad:
+        print(
+            f"replay: skipped {bad} message(s) on {TICKS_STREAM} that are not canonical ticks",
+            file=sys.stderr,
+        )
     return seen
 
 

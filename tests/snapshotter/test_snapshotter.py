@@ -30,6 +30,7 @@ from services.common.subjects import TICKS_STREAM, tick_subject
 from services.devstack.ports import free_port
 from services.devstack.stack import DevStack, StackPorts
 from services.snapshotter.snapshots import parse_snapshot
+from tests.support.metrics import local_value
 from tests.support.procs import REPO, ServiceProcess
 from tests.support.streams import wait_consumer_idle
 
@@ -362,3 +363,61 @@ async def test_writer_settles_stale_items_and_writes_the_rest(
     assert {p: t["seq"] for p, t in stored.items()} == {
         "A": 10, "B": 10, "C": 1, "D": 2, "E": 2, "F": 2,
     }  # fmt: skip
+
+
+async def test_stored_data_it_did_not_write_is_skipped_or_one_line_never_a_crash(
+    own_stack: DevStack, nc: NATS
+) -> None:
+    """Data in the stores that this code did not write, met where it crashed or spread:
+    - DynamoDB items without a tick, with a tick that is not JSON, or whose seq is not their
+      tick's: skipped and counted by read_latest (the snapshotter crash-looped at start, or
+      copied the text verbatim into every snapshot, which then broke restore);
+    - a message on MD_TICKS that is not a tick: restore skips and reports it (it had wiped
+      the table first, then died, and every rerun died the same way);
+    - a snapshot pointer or object that is garbage: restore says so in one line, exit 1
+      (a traceback)."""
+    from services.snapshotter.ddb import ensure_table, read_latest
+
+    table, bucket = f"t-{uuid.uuid4().hex[:8]}", f"b-{uuid.uuid4().hex[:8]}"
+    env = own_stack.env()
+    good = _tick("GOOD-USD", 7)
+    async with aioboto3.Session().client(
+        "dynamodb", endpoint_url=env["DDB_ENDPOINT_URL"], region_name=env["AWS_REGION"],
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+    ) as ddb:  # fmt: skip
+        await ensure_table(ddb, table, create=True)
+        good_json = {"S": encode_tick(good).decode()}
+        items = [
+            {"product": {"S": "GOOD-USD"}, "seq": {"N": "7"}, "tick": good_json},
+            {"product": {"S": "NOTICK-USD"}, "seq": {"N": "3"}},
+            {"product": {"S": "TEXT-USD"}, "seq": {"N": "3"}, "tick": {"S": "not json"}},
+            {"product": {"S": "OTHER-USD"}, "seq": {"N": "99"}, "tick": good_json},
+        ]
+        for item in items:
+            await ddb.put_item(TableName=table, Item=item)
+        before = local_value("ledgerflux_snapshotter_errors_total", kind="bad_ddb_item")
+        latest = await read_latest(ddb, table)
+    assert list(latest) == ["GOOD-USD"] and latest["GOOD-USD"].seq == 7
+    assert local_value("ledgerflux_snapshotter_errors_total", kind="bad_ddb_item") - before == 3
+
+    await _publish(nc, own_stack.nats.url, [_tick(p, s) for p in PRODUCTS for s in (1, 2)])
+    await nc.jetstream().publish(tick_subject("BAD-USD", 4), b"this is not a tick")
+    async with _s3(own_stack) as s3:
+        await s3.create_bucket(Bucket=bucket)
+    restored = _tool("restore", _env(own_stack, f"r-{table}", bucket))
+    assert restored.returncode == 0, restored.stderr
+    assert "skipped 1 message(s) on MD_TICKS that are not canonical ticks" in restored.stderr
+    truth = await _truth(nc)
+    assert await _table(own_stack, f"r-{table}") == truth
+
+    async with _s3(own_stack) as s3:
+        await s3.put_object(Bucket=bucket, Key="snapshots/latest.json", Body=b"<html>")
+        await s3.put_object(Bucket=bucket, Key="snapshots/x.json.gz", Body=b"\x1f\x8bnot gzip")
+    for args, says in (
+        ((), "snapshots/latest.json is not a valid snapshot object"),
+        (("--snapshot", "snapshots/x.json.gz"), "snapshots/x.json.gz is not a valid snapshot"),
+    ):
+        done = _tool("restore", _env(own_stack, table, bucket), *args)
+        assert done.returncode == 1 and says in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr
