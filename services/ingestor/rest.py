@@ -22,6 +22,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from typing import Annotated
 from urllib.parse import quote
 
 import msgspec
@@ -41,16 +42,30 @@ _MAX_429_PAUSE_S = 30.0
 _MAX_REQUEST_THREADS = 16
 
 
+# What a REST ticker must look like to become a resync tick; anything else is a
+# bad_response, retried. Checked here, not only by the normalizer: a ticker it dead-letters
+# is a resync spent, and a trade_id far past the feed's (2**62 was taken) switched the
+# product's gap detection off until a restart. Coinbase trade ids are ~1e9; 2**53 keeps
+# them exact in any JSON reader.
+_Decimal = Annotated[str, msgspec.Meta(pattern=r"^[0-9]+(\.[0-9]+)?$")]
+_Time = Annotated[
+    str,
+    msgspec.Meta(
+        pattern=r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?(Z|[+-][0-9]{2}:[0-9]{2})$"
+    ),
+]
+
+
 class RestTicker(msgspec.Struct):
     """The fields of the REST ticker a resync tick is built from (strings stay strings)."""
 
-    trade_id: int
-    price: str
-    time: str
-    size: str | None = None
-    bid: str | None = None
-    ask: str | None = None
-    volume: str | None = None
+    trade_id: Annotated[int, msgspec.Meta(ge=0, lt=2**53)]
+    price: _Decimal
+    time: _Time
+    size: _Decimal | None = None
+    bid: _Decimal | None = None
+    ask: _Decimal | None = None
+    volume: _Decimal | None = None
 
 
 _decoder = msgspec.json.Decoder(RestTicker)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from collections.abc import AsyncIterator
 
@@ -247,6 +248,30 @@ async def test_rest_answers_that_broke_the_resyncer_are_typed_errors() -> None:
         with pytest.raises(RestUnavailableError, match=r"no complete answer within 0\.5s"):
             await RestClient(url, timeout_s=0.5, rate=100, burst=100).ticker("BTC-USD")
         assert time.monotonic() - started < 5  # the whole answer takes 20 s to trickle
+
+
+@pytest.mark.parametrize(
+    "ticker",
+    [
+        {"trade_id": 2**62, "price": "1.0", "time": "2026-11-29T10:00:00Z"},
+        {"trade_id": 2**70, "price": "1.0", "time": "2026-11-29T10:00:00Z"},
+        {"trade_id": 5, "price": "1e5", "time": "2026-11-29T10:00:00Z"},
+        {"trade_id": 5, "price": "1.0", "time": "yesterday"},
+        {"trade_id": 5, "price": "1.0", "time": "2026-11-29T10:00:00Z", "bid": "-1"},
+    ],
+    ids=["trade-id-far-ahead", "trade-id-past-int64", "exponent", "time", "negative-bid"],
+)
+async def test_a_rest_ticker_that_cannot_become_a_tick_is_a_bad_response(
+    ticker: dict[str, object],
+) -> None:
+    """Retried as bad_response instead of trusted: a huge trade_id switched the product's
+    gap detection off (2**62) or crashed the resync (past 64 bits); a price or time the
+    normalizer dead-letters spent the resync."""
+    body = json.dumps(ticker).encode()  # orjson refuses 2**70 itself
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body)
+    async with _misbehaving_rest(answer) as url:
+        with pytest.raises(RestBadResponseError):
+            await RestClient(url, timeout_s=2, rate=100, burst=100).ticker("BTC-USD")
 
 
 async def test_rest_client_errors_are_typed(quiet_sim: FeedSim) -> None:
