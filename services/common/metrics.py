@@ -136,3 +136,9 @@ LOG_LINES_SUPPRESSED = Counter(
     "logthrottle): events an outsider can trigger at any rate",
     ["event"],
 )
+
+UNREADABLE_TICKS = Counter(
+    "ledgerflux_unreadable_ticks_total",
+    "Messages on MD_TICKS that are not canonical ticks, met while reading the newest tick per "
+    "product (normalizer order recovery, gateway cache warm-up, snapshotter tools)",
+)
