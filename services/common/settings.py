@@ -58,6 +58,8 @@ class CommonSettings(BaseSettings):
         env_ignore_empty=True,
         extra="ignore",
         validate_default=True,
+        # "inf" passed every gt=0 and overflowed later (a socket timeout, a sleep)
+        allow_inf_nan=False,
     )
 
     log_level: LogLevel = "INFO"

@@ -39,6 +39,14 @@ def test_flags_override_env(monkeypatch: pytest.MonkeyPatch) -> None:
         ({"COINBASE_CHANNELS": "ticker,level9"}, "COINBASE_CHANNELS"),
         ({"WATCHDOG_TIMEOUT_S": "-1"}, "WATCHDOG_TIMEOUT_S"),
         ({"COINBASE_PRODUCTS": "BTC.USD"}, "COINBASE_PRODUCTS"),
+        # accepted once, then a traceback per resync or a hot reconnect loop
+        ({"COINBASE_REST_URL": "notaurl"}, "COINBASE_REST_URL"),
+        ({"COINBASE_WS_URL": "https://ws-feed.exchange.coinbase.com"}, "COINBASE_WS_URL"),
+        ({"COINBASE_REST_TIMEOUT_S": "inf"}, "COINBASE_REST_TIMEOUT_S"),
+        ({"COINBASE_REST_TIMEOUT_S": "1e300"}, "COINBASE_REST_TIMEOUT_S"),
+        ({"RECONNECT_MAX_S": "0.000001"}, "RECONNECT_MAX_S"),
+        ({"RECONNECT_INITIAL_S": "5", "RECONNECT_MAX_S": "1"}, "RECONNECT_MAX_S"),
+        ({"NATS_CONNECT_TIMEOUT_S": "nan"}, "NATS_CONNECT_TIMEOUT_S"),
     ],
 )
 def test_bad_values_raise_one_readable_error(
