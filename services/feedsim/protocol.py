@@ -151,7 +151,7 @@ def parse_command(
     """
     try:
         msg = _decode(raw)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):  # "[[[[..." nests past the parser's limit
         return Command(None, errors=[error_frame("Malformed JSON")])
     if not isinstance(msg, dict):
         return Command(None, errors=[error_frame("Malformed JSON", "expected a JSON object")])

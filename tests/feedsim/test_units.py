@@ -86,6 +86,8 @@ def test_malformed_client_json() -> None:
     assert _errors("{nope")[0]["type"] == "error"
     assert _errors("[1, 2]")[0]["message"] == "Malformed JSON"
     assert _errors({"type": "hello"})[0]["reason"] == "hello is not a valid message type"
+    # nested past msgspec's depth limit: a RecursionError and a traceback, no reply
+    assert _errors("[" * 2000)[0]["message"] == "Malformed JSON"
 
 
 def test_unsubscribe_without_products_drops_channel() -> None:
