@@ -53,4 +53,7 @@ def encode_tick(tick: Tick) -> bytes:
 
 def decode_tick(data: bytes | str) -> Tick:
     """Parse and type-check a tick; raises ``msgspec.ValidationError``/``DecodeError``."""
-    return _decoder.decode(data)
+    try:
+        return _decoder.decode(data)
+    except RecursionError:  # nested past msgspec's depth limit (in a field it skips)
+        raise msgspec.DecodeError("JSON nested too deeply") from None

@@ -131,7 +131,10 @@ def _result(before: RawStreamMsg | None, window: list[tuple[int, bytes]]) -> Bac
 
 
 def _seq(msg: RawStreamMsg) -> int:
-    return _seq_decoder.decode(msg.data or b"").seq
+    try:
+        return _seq_decoder.decode(msg.data or b"").seq
+    except RecursionError:  # as any other undecodable message for the callers
+        raise msgspec.DecodeError("JSON nested too deeply") from None
 
 
 def _at_or_after(msg: RawStreamMsg, since: datetime) -> bool:
@@ -243,7 +246,7 @@ async def _drain(
                 read += 1
                 try:
                     seq = _seq_decoder.decode(msg.data).seq
-                except msgspec.DecodeError:  # includes ValidationError
+                except (msgspec.DecodeError, RecursionError):  # includes ValidationError
                     log.error("unreadable_tick_in_stream", subject=msg.subject)
                     continue
                 if seq > last_seq:  # per subject the stream is in seq order; be defensive

@@ -76,6 +76,8 @@ def decode_command(data: bytes | str) -> Command:
         raise BadCommandError(f"invalid JSON: {exc}", None) from None
     except UnicodeDecodeError:  # a binary frame: msgspec decodes its strings as UTF-8
         raise BadCommandError("invalid JSON: a string is not UTF-8", None) from None
+    except RecursionError:  # "[[[[…" inside an unknown field: past msgspec's depth limit
+        raise BadCommandError("invalid JSON: nested too deeply", None) from None
     if not isinstance(command, Ping):
         # product ids are case-insensitive, as in the REST paths; replies use the canonical
         # (upper-case, as Coinbase spells them) id
@@ -88,7 +90,7 @@ def request_id_of(data: bytes | str) -> str | int | None:
     rate-limited one), if it is of an accepted type, for the error reply."""
     try:
         found = _id_decoder.decode(data).id
-    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError):
         return None
     return found if isinstance(found, str | int) else None
 

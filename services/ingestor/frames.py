@@ -59,6 +59,8 @@ def parse_frame(data: bytes, recv_ns: int) -> RawFrame:
         env = _decoder.decode(data)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise UnparseableFrameError(str(exc)) from exc
+    except RecursionError:  # nested past msgspec's depth limit
+        raise UnparseableFrameError("JSON nested too deeply") from None
     return RawFrame(
         data=data,
         recv_ns=recv_ns,

@@ -190,7 +190,7 @@ class RestClient:
         self._pause_s = _DEFAULT_429_PAUSE_S
         try:
             ticker = _decoder.decode(body)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
             metrics.REST_REQUESTS.labels(outcome="bad_response").inc()
             raise RestBadResponseError(url, str(exc)) from None
         metrics.REST_REQUESTS.labels(outcome="ok").inc()

@@ -97,12 +97,14 @@ def decode_frame(data: bytes) -> Frame:
         raise _classify(data, exc) from None
     except msgspec.DecodeError as exc:
         raise UnparseableError(str(exc)) from None
+    except RecursionError:  # nested past msgspec's depth limit: a poison message otherwise
+        raise UnparseableError("JSON nested too deeply") from None
 
 
 def _classify(data: bytes, exc: msgspec.ValidationError) -> Exception:
     try:
         kind = _type_decoder.decode(data).type
-    except (msgspec.DecodeError, msgspec.ValidationError):
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
         return UnparseableError("not a JSON object")
     if isinstance(kind, str) and kind not in _KNOWN_TYPES:
         return UnsupportedTypeError(f"message type {kind!r} is not normalized")

@@ -54,7 +54,7 @@ class Pass:
             product = product_of_tick(msg.subject)
             try:
                 seq = _seq_decoder.decode(msg.data).seq
-            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
                 metrics.BAD_TICKS.inc()
                 throttle.emit(log.error, "bad_tick_on_stream", subject=msg.subject, error=str(exc))
                 continue

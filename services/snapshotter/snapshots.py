@@ -96,8 +96,8 @@ def parse_snapshot(data: bytes, key: str = "snapshot") -> Snapshot:
             if not inflate.eof:
                 raise SnapshotReadError(key, "truncated gzip")
         snapshot = msgspec.json.decode(data, type=Snapshot)
-    except (zlib.error, msgspec.DecodeError) as exc:
-        raise SnapshotReadError(key, str(exc)) from None
+    except (zlib.error, msgspec.DecodeError, RecursionError) as exc:
+        raise SnapshotReadError(key, str(exc) or "JSON nested too deeply") from None
     if snapshot.version != SNAPSHOT_VERSION or snapshot.stream_seq < 0:
         raise SnapshotReadError(
             key, f"version {snapshot.version}, stream_seq {snapshot.stream_seq}: not one we wrote"
@@ -221,7 +221,7 @@ async def read_pointer(s3: S3Client, bucket: str, prefix: str) -> Pointer | None
         data = await body.read()
     try:
         return msgspec.json.decode(data, type=Pointer)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, RecursionError) as exc:
         raise SnapshotReadError(pointer_key(prefix), str(exc)) from None
 
 
