@@ -10,7 +10,7 @@ from services.common import broker
 from services.common.lifecycle import run_service
 from services.common.logging import get_logger
 from services.ingestor import metrics
-from services.ingestor.feed import FeedSession, run_feed
+from services.ingestor.feed import PUBLISH_HEADROOM_BYTES, FeedSession, run_feed
 from services.ingestor.publish import OutboundBuffer, publish_loop
 from services.ingestor.record import Recorder
 from services.ingestor.rest import RestClient
@@ -40,7 +40,14 @@ async def main(settings: IngestorSettings, stop: asyncio.Event) -> None:
             burst=settings.coinbase_rest_burst,
         )
         resyncer = Resyncer(tracker, buffer, rest, max_attempts=settings.resync_max_attempts)
-        session = FeedSession(settings, buffer, recorder, tracker=tracker, resyncer=resyncer)
+        session = FeedSession(
+            settings,
+            buffer,
+            recorder,
+            tracker=tracker,
+            resyncer=resyncer,
+            max_publish_bytes=nc.max_payload - PUBLISH_HEADROOM_BYTES,
+        )
         metrics.READ_AHEAD.set_function(session.read_ahead)
         log.info(
             "ingestor_started",

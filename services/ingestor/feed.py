@@ -45,6 +45,10 @@ log = get_logger(__name__)
 
 # Messages that are about the connection, not a product.
 _CONTROL_TYPES = frozenset({"subscriptions", "error", "status"})
+OVERSIZED_KEPT_BYTES = 4096  # of a frame too big to publish, dead-lettered with its size
+# below NATS's max_payload, so that the normalizer's dead letter of any raw frame (the
+# same bytes plus its reason and error headers) fits too
+PUBLISH_HEADROOM_BYTES = 8192
 # Per-product message types of the Exchange feed's channels (ticker, heartbeat, matches,
 # level2, full); any other counts as "other" in metrics (a bounded label set)
 _FRAME_TYPES = frozenset({
@@ -81,6 +85,7 @@ class FeedSession:
         tracker: SequenceTracker | None = None,
         resyncer: Resyncer | None = None,
         clock_ns: Callable[[], int] = time.time_ns,
+        max_publish_bytes: int | None = None,
     ) -> None:
         self.settings = settings
         self.buffer = buffer
@@ -90,6 +95,8 @@ class FeedSession:
         self.clock_ns = clock_ns
         self.last_seen = metrics.LAST_MESSAGE.last_seen
         self.subscribed = frozenset(settings.coinbase_products)
+        # a frame NATS cannot carry would be retried for ever, holding up every frame after it
+        self.max_publish_bytes = max_publish_bytes or settings.feed_max_frame_bytes
         self._reported_errors: set[str] = set()
         self._ws: ClientConnection | None = None
         # metric children per label set: .labels() per frame was ~10 % of the ingestor's CPU
@@ -167,6 +174,15 @@ class FeedSession:
     def on_frame(self, data: bytes, recv_ns: int) -> None:
         if self.recorder is not None:
             self.recorder.write(recv_ns, data)
+        if len(data) > self.max_publish_bytes:
+            self._dead_letter(
+                data[:OVERSIZED_KEPT_BYTES],
+                recv_ns,
+                "oversized",
+                f"{len(data)} bytes, over the {self.max_publish_bytes} a NATS message carries "
+                f"here; the first {OVERSIZED_KEPT_BYTES} kept",
+            )
+            return
         try:
             frame = parse_frame(data, recv_ns)
         except UnparseableFrameError as exc:

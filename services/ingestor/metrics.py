@@ -118,7 +118,7 @@ RESYNC_SKIP_CAUSES = ("superseded", "coalesced", "failed", "no_sequence")
 
 # Every label value known in advance exists from the start at 0, so dashboards and alerts
 # see a series (and a rate of 0) before the first event rather than no data at all.
-for _reason in ("unparseable", "unexpected_product"):
+for _reason in ("unparseable", "unexpected_product", "oversized"):
     DEAD_LETTERS.labels(reason=_reason)
 for _reason in ("stall", "closed", "connect"):
     RECONNECTS.labels(reason=_reason)

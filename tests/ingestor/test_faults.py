@@ -23,6 +23,7 @@ from services.common.subjects import raw_subject
 from services.devstack.ports import free_port
 from services.devstack.servers import NatsServer
 from services.feedsim import FeedSim
+from services.ingestor.feed import OVERSIZED_KEPT_BYTES
 from tests.support.procs import ServiceProcess
 from tests.support.streams import wait_consumer_idle
 
@@ -369,8 +370,10 @@ async def test_frames_of_products_never_subscribed_are_dead_lettered_not_publish
     wildcards, a well-formed stranger) and a type nobody documents: the three strangers go
     to md.dlq.unexpected_product byte for byte; none becomes a metric series, MD_RAW
     subject or per-product state; the odd type is published for the normalizer to judge but
-    counted as type "other"; the subscribed product's ticker flows, and the ingestor lives.
-    A product id with a space was a subject the NATS protocol cannot carry."""
+    counted as type "other"; a frame over NATS's max_payload goes to md.dlq.oversized (its
+    head and its size); the subscribed product's ticker flows, and the ingestor lives.
+    A product id with a space was a subject the NATS protocol cannot carry, and the big frame
+    a publish retried for ever: either one held up every frame after it."""
     ticker = {
         "type": "ticker", "sequence": 10, "price": "1.00", "time": "2026-11-29T10:00:00.000001Z",
         "trade_id": 1, "last_size": "1", "side": "buy",
@@ -388,11 +391,13 @@ async def test_frames_of_products_never_subscribed_are_dead_lettered_not_publish
         "type": "heartbeat", "product_id": "BTC-USD", "sequence": 10, "last_trade_id": 1,
         "time": "2026-11-29T10:00:00Z\r\nNats-Expected-Stream: NOPE",
     }).encode()  # fmt: skip
+    # over NATS's max_payload (1 MiB): it was retried for ever, holding up every frame after
+    oversized = json.dumps({**ticker, "product_id": "BTC-USD", "pad": "x" * 1_500_000}).encode()
     good = json.dumps({**ticker, "product_id": "BTC-USD", "sequence": 11}).encode()
 
     async def feed(ws: ServerConnection) -> None:
         await ws.recv()  # the subscribe
-        for frame in [*strangers, odd_type, crlf_type, crlf_time, good]:
+        for frame in [*strangers, odd_type, crlf_type, crlf_time, oversized, good]:
             await ws.send(frame.decode())
         await ws.wait_closed()
 
@@ -420,11 +425,14 @@ async def test_frames_of_products_never_subscribed_are_dead_lettered_not_publish
 
             await wait_until(stored, 20, "the subscribed product's frames in MD_RAW")
             dead = await read_stream(js, "MD_DLQ", "md.dlq.unexpected_product")
+            too_big = await read_stream(js, "MD_DLQ", "md.dlq.oversized")
             raw = await read_stream(js, "MD_RAW")
         text = await asyncio.to_thread(
             lambda: urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics").read()
         )
     assert [m.data for m in dead] == strangers
+    assert [m.data for m in too_big] == [oversized[:OVERSIZED_KEPT_BYTES]]
+    assert str(len(oversized)) in too_big[0].headers["Ledgerflux-Dlq-Error"]
     assert [m.data for m in raw] == [odd_type, crlf_type, crlf_time, good]
     assert {m.subject for m in raw} == {raw_subject("BTC-USD")}
     products = {
