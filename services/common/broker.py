@@ -32,7 +32,13 @@ from nats.js.api import (
 
 from services.common import metrics
 from services.common.aio import sleep_or_stop
-from services.common.errors import BrokerError, StoppedError, StreamConfigError
+from services.common.errors import (
+    NUM_SHARDS_METADATA,
+    BrokerError,
+    ShardCountMismatchError,
+    StoppedError,
+    StreamConfigError,
+)
 from services.common.logging import get_logger
 from services.common.publisher import PendingPublish as PendingPublish  # re-exported
 from services.common.publisher import Publisher as Publisher  # re-exported
@@ -156,6 +162,8 @@ def stream_configs(settings: CommonSettings) -> list[StreamConfig]:
             subjects=[TICKS_WILDCARD],
             max_age=settings.ticks_max_age_s,
             description="Canonical ticks, md.ticks.<shard>.<product>",
+            # the shard in each subject is crc32(product) % this: readers must agree
+            metadata={NUM_SHARDS_METADATA: str(settings.num_shards)},
             **common,  # type: ignore[arg-type]
         ),
         StreamConfig(
@@ -169,8 +177,13 @@ def stream_configs(settings: CommonSettings) -> list[StreamConfig]:
 
 
 async def ensure_streams(js: JetStreamContext, settings: CommonSettings) -> None:
-    """Create the streams, or bring an existing one to our config; safe to call any time."""
+    """Create the streams, or bring an existing one to our config; safe to call any time.
+
+    Refuses (:class:`ShardCountMismatchError`) when MD_TICKS was sharded with another
+    NUM_SHARDS: a gateway or snapshotter replica reading the wrong shard subjects saw no
+    ticks for some products, without an error."""
     for config in stream_configs(settings):
+        await _check_shard_count(js, config, settings.num_shards)
         try:
             await js.add_stream(config)
         except nats.js.errors.BadRequestError as exc:
@@ -183,6 +196,18 @@ async def ensure_streams(js: JetStreamContext, settings: CommonSettings) -> None
                     str(config.name), update_exc.description or str(update_exc)
                 ) from update_exc
             log.info("stream_updated", stream=config.name)
+
+
+async def _check_shard_count(js: JetStreamContext, config: StreamConfig, ours: int) -> None:
+    if not config.metadata or NUM_SHARDS_METADATA not in config.metadata:
+        return
+    try:
+        info = await js.stream_info(str(config.name))
+    except nats.js.errors.NotFoundError:
+        return  # created below, with ours
+    stored = (info.config.metadata or {}).get(NUM_SHARDS_METADATA)
+    if stored is not None and stored != str(ours):
+        raise ShardCountMismatchError(stored, ours)
 
 
 def ack_subject_sequences(reply: str) -> tuple[int, int]:

@@ -31,3 +31,19 @@ class StreamConfigError(BrokerError):
     def __init__(self, stream: str, reason: str) -> None:
         self.stream = stream
         super().__init__(f"stream {stream}: {reason}")
+
+
+class ShardCountMismatchError(BrokerError):
+    """NUM_SHARDS differs from the one MD_TICKS was sharded with: an operator error."""
+
+    def __init__(self, stored: str, ours: int) -> None:
+        self.stored = stored
+        self.ours = ours
+        super().__init__(
+            f"NUM_SHARDS={ours}, but MD_TICKS is sharded by {stored} (its metadata "
+            f"{NUM_SHARDS_METADATA!r}): every service must use the same NUM_SHARDS; to "
+            "re-shard, recreate the stream"
+        )
+
+
+NUM_SHARDS_METADATA = "ledgerflux.num_shards"

@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Sequence
 import uvloop
 
 from services.common.aio import watch_gc_pauses, watch_loop_lag
-from services.common.errors import PortUnavailableError, StoppedError
+from services.common.errors import PortUnavailableError, ShardCountMismatchError, StoppedError
 from services.common.logging import configure_logging, get_logger
 from services.common.metrics import start_metrics_server, stop_metrics_server
 from services.common.settings import CommonSettings, ConfigError
@@ -78,6 +78,9 @@ async def _supervise[S: CommonSettings](
         log.warning("stopped_before_ready", reason=str(exc))
     except PortUnavailableError as exc:
         log.error("port_unavailable", error=str(exc))
+        return EXIT_CONFIG
+    except ShardCountMismatchError as exc:
+        log.error("config_mismatch", error=str(exc))
         return EXIT_CONFIG
     except Exception:
         log.exception("service_failed")

@@ -11,11 +11,13 @@ from nats.aio.client import Client as NATS
 from structlog.testing import capture_logs
 
 from services.common import broker
-from services.common.errors import BrokerError
+from services.common.errors import BrokerError, ShardCountMismatchError
 from services.common.settings import CommonSettings
 from services.common.subjects import DLQ_STREAM, RAW_STREAM, TICKS_STREAM
+from services.devstack.ports import free_port
 from services.devstack.servers import NatsServer
 from tests.support.metrics import local_value
+from tests.support.procs import run_to_exit
 
 pytestmark = pytest.mark.integration
 
@@ -165,3 +167,23 @@ async def test_consumer_lag_that_cannot_be_read_is_counted_and_logged_once(
         await task
     assert [e["event"] for e in logs].count("consumer_info_failed") == 1
     assert local_value("ledgerflux_consumer_lag_updated_timestamp_seconds", **labels) == 0
+
+
+async def test_another_num_shards_than_md_ticks_was_sharded_with_is_refused(
+    nats_server: NatsServer, nc: NATS
+) -> None:
+    """MD_TICKS records its NUM_SHARDS: a service with another one is an operator error,
+    one line and exit 2. (A gateway with NUM_SHARDS=8 against ticks sharded by 4 backfilled
+    nothing for some products, and a sharded snapshotter missed them, without a word.)"""
+    js = nc.jetstream()
+    await broker.ensure_streams(js, settings_for(nats_server, num_shards=4))
+    with pytest.raises(ShardCountMismatchError, match="NUM_SHARDS=8, but MD_TICKS is sharded by 4"):
+        await broker.ensure_streams(js, settings_for(nats_server, num_shards=8))
+    await broker.ensure_streams(js, settings_for(nats_server, num_shards=4))  # agreeing: fine
+
+    done = run_to_exit(
+        "gateway", {"NATS_URLS": nats_server.url, "NUM_SHARDS": "8", "METRICS_PORT": "0",
+                    "GATEWAY_PORT": str(free_port())},
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert '"event": "config_mismatch"' in done.stderr and "Traceback" not in done.stderr
