@@ -33,7 +33,9 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RawStreamMsg
 
 from services.common.logging import get_logger
+from services.common.logthrottle import throttle
 from services.common.subjects import TICKS_STREAM, tick_subject
+from services.gateway import metrics
 from services.gateway.errors import BackfillUnavailableError
 from services.gateway.protocol import BackfillSpec
 
@@ -247,7 +249,8 @@ async def _drain(
                 try:
                     seq = _seq_decoder.decode(msg.data).seq
                 except (msgspec.DecodeError, RecursionError):  # includes ValidationError
-                    log.error("unreadable_tick_in_stream", subject=msg.subject)
+                    metrics.BAD_TICKS.labels(path="backfill").inc()
+                    throttle.emit(log.error, "unreadable_tick_in_stream", subject=msg.subject)
                     continue
                 if seq > last_seq:  # per subject the stream is in seq order; be defensive
                     window.append((seq, msg.data))

@@ -64,6 +64,7 @@ class Hub:
         try:
             tick = decode_tick(data)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            metrics.BAD_TICKS.labels(path="live").inc()
             throttle.emit(log.error, "bad_tick_on_stream", subject=subject.decode(), error=str(exc))
             return
         metrics.TICKS_IN.inc()

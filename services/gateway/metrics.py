@@ -96,6 +96,13 @@ REFUSED = Counter(
 )
 for _cause in ("max_connections", "key_limit", "shutting_down"):
     REFUSED.labels(cause=_cause)
+BAD_TICKS = Counter(
+    "ledgerflux_gateway_bad_ticks_total",
+    "Messages on MD_TICKS that are not canonical ticks, skipped (live tail and backfill)",
+    ["path"],
+)
+for _path in ("live", "backfill"):
+    BAD_TICKS.labels(path=_path)
 PING_FLOODS = Counter(
     "ledgerflux_gateway_ping_floods_total",
     "Clients closed with 1008 for sending WebSocket pings faster than the ping limit",

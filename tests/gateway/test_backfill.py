@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from services.common.subjects import tick_subject
 from tests.gateway.conftest import StartGateway
 from tests.gateway.helpers import (
     Client,
@@ -236,4 +237,30 @@ async def test_backfill_unavailable_still_subscribes_live(
     assert await gateway.wait_metric(
         "ledgerflux_gateway_backfill_requests_total", 1, form="last", outcome="unavailable"
     )
+    await client.close()
+
+
+async def test_a_message_on_md_ticks_that_is_not_a_tick_is_skipped_and_counted(gw: Stack) -> None:
+    """Live and in a backfill: skipped, counted by path, and the ticks around it still
+    flow in order (it was logged per message, never counted)."""
+    before = {
+        path: await asyncio.to_thread(
+            gw.gateway.metric, "ledgerflux_gateway_bad_ticks_total", path=path
+        )
+        for path in ("live", "backfill")
+    }
+    await gw.feed.publish([("BT1-USD", 1)])
+    await gw.feed.js.publish(tick_subject("BT1-USD", 4), b"not a tick")
+    await gw.feed.publish([("BT1-USD", 2)])
+    client = await subscribe(gw, ["BT1-USD"], {"last": 10})
+    await until_done(client, ["BT1-USD"])
+    assert [t["seq"] for t in client.backfilled("BT1-USD")] == [1, 2]
+    assert await gw.gateway.wait_metric(
+        "ledgerflux_gateway_bad_ticks_total", before["live"] + 1, path="live"
+    )
+    assert await gw.gateway.wait_metric(
+        "ledgerflux_gateway_bad_ticks_total", before["backfill"] + 1, path="backfill"
+    )
+    await gw.feed.publish([("BT1-USD", 3)])
+    assert (await client.expect("tick"))["seq"] == 3
     await client.close()
