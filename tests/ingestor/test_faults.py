@@ -335,18 +335,8 @@ async def test_a_feed_closing_right_after_the_handshake_is_reconnected(
 
     server = await asyncio.start_server(upgrade_then_close, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    ingestor = ServiceProcess(
-        "ingestor",
-        {
-            "NATS_URLS": nats_server.url,
-            "COINBASE_WS_URL": f"ws://127.0.0.1:{port}",
-            "COINBASE_REST_URL": f"http://127.0.0.1:{port}",
-            "COINBASE_PRODUCTS": "BTC-USD",
-            "METRICS_PORT": "0",
-            "RECONNECT_INITIAL_S": "0.1",
-            "RECONNECT_MAX_S": "0.3",
-        },
-        service_logs,
+    ingestor = _ingestor_of(
+        port, nats_server, service_logs, RECONNECT_INITIAL_S="0.1", RECONNECT_MAX_S="0.3"
     )
     spawn.append(ingestor.start())
     async with server:
@@ -361,6 +351,20 @@ async def test_a_feed_closing_right_after_the_handshake_is_reconnected(
 
 
 _WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455
+
+
+def _ingestor_of(
+    port: int, nats_server: NatsServer, service_logs: Path, **env: str
+) -> ServiceProcess:
+    """An ingestor (not started) whose Coinbase WebSocket and REST URL are a local ``port``."""
+    base = {
+        "NATS_URLS": nats_server.url,
+        "COINBASE_WS_URL": f"ws://127.0.0.1:{port}",
+        "COINBASE_REST_URL": f"http://127.0.0.1:{port}",
+        "COINBASE_PRODUCTS": "BTC-USD",
+        "METRICS_PORT": "0",
+    }
+    return ServiceProcess("ingestor", {**base, **env}, service_logs)
 
 
 async def test_frames_of_products_never_subscribed_are_dead_lettered_not_published(
@@ -402,21 +406,12 @@ async def test_frames_of_products_never_subscribed_are_dead_lettered_not_publish
         await ws.wait_closed()
 
     async with serve(feed, "127.0.0.1", 0) as server:
-        port = server.sockets[0].getsockname()[1]
         metrics_port = free_port()
-        ingestor = ServiceProcess(
-            "ingestor",
-            {
-                "NATS_URLS": nats_server.url,
-                "COINBASE_WS_URL": f"ws://127.0.0.1:{port}",
-                "COINBASE_REST_URL": f"http://127.0.0.1:{port}",
-                "COINBASE_PRODUCTS": "BTC-USD",
-                "COINBASE_CHANNELS": "ticker",
-                "METRICS_HOST": "127.0.0.1",
-                "METRICS_PORT": str(metrics_port),
-            },
-            service_logs,
-        )
+        ingestor = _ingestor_of(
+            server.sockets[0].getsockname()[1], nats_server, service_logs,
+            COINBASE_CHANNELS="ticker",
+            METRICS_HOST="127.0.0.1", METRICS_PORT=str(metrics_port),
+        )  # fmt: skip
         spawn.append(ingestor.start())
         async with jetstream(nats_server.url) as js:
 

@@ -109,19 +109,22 @@ def _env(stack: DevStack, table: str, bucket: str, **extra: str) -> dict[str, st
 
 
 async def _table(stack: DevStack, table: str) -> dict[str, dict[str, Any]]:
-    env = stack.env()
-    session = aioboto3.Session()
-    async with session.client(
-        "dynamodb", endpoint_url=env["DDB_ENDPOINT_URL"], region_name=env["AWS_REGION"],
-        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
-    ) as ddb:  # fmt: skip
+    async with _ddb(stack) as ddb:
         items: dict[str, dict[str, Any]] = {}
         paginator = ddb.get_paginator("scan")
         async for page in paginator.paginate(TableName=table, ConsistentRead=True):
             for item in page["Items"]:
                 items[item["product"]["S"]] = json.loads(item["tick"]["S"])
         return items
+
+
+def _ddb(stack: DevStack) -> Any:
+    env = stack.env()
+    return aioboto3.Session().client(
+        "dynamodb", endpoint_url=env["DDB_ENDPOINT_URL"], region_name=env["AWS_REGION"],
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+    )  # fmt: skip
 
 
 def _s3(stack: DevStack) -> Any:
@@ -338,17 +341,12 @@ async def test_writer_settles_stale_items_and_writes_the_rest(
     from services.snapshotter import metrics
     from services.snapshotter.ddb import LatestTick, LatestWriter, ensure_table
 
-    env = own_stack.env()
     table = f"writer-{items_per_call}-{uuid.uuid4().hex[:6]}"
 
     def item(product: str, seq: int) -> LatestTick:
         return LatestTick(product, seq, json.dumps({"seq": seq}), "1.5", "t", seq)
 
-    async with aioboto3.Session().client(
-        "dynamodb", endpoint_url=env["DDB_ENDPOINT_URL"], region_name=env["AWS_REGION"],
-        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
-    ) as ddb:  # fmt: skip
+    async with _ddb(own_stack) as ddb:
         await ensure_table(ddb, table, create=True)
         writer = LatestWriter(ddb, table, max_concurrency=4, items_per_call=items_per_call)
         stop = asyncio.Event()
@@ -379,13 +377,8 @@ async def test_stored_data_it_did_not_write_is_skipped_or_one_line_never_a_crash
     from services.snapshotter.ddb import ensure_table, read_latest
 
     table, bucket = f"t-{uuid.uuid4().hex[:8]}", f"b-{uuid.uuid4().hex[:8]}"
-    env = own_stack.env()
     good = _tick("GOOD-USD", 7)
-    async with aioboto3.Session().client(
-        "dynamodb", endpoint_url=env["DDB_ENDPOINT_URL"], region_name=env["AWS_REGION"],
-        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
-    ) as ddb:  # fmt: skip
+    async with _ddb(own_stack) as ddb:
         await ensure_table(ddb, table, create=True)
         good_json = {"S": encode_tick(good).decode()}
         items = [
