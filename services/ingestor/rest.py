@@ -22,7 +22,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from typing import Annotated
+from typing import Annotated, Any
 from urllib.parse import quote
 
 import msgspec
@@ -238,7 +238,7 @@ class RestClient:
             url, headers={"User-Agent": USER_AGENT, "Accept": "application/json"}
         )
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+            with _OPENER.open(request, timeout=self.timeout_s) as response:
                 body: bytes = response.read(_MAX_BODY)
                 return body
         except urllib.error.HTTPError as exc:
@@ -250,6 +250,17 @@ class RestClient:
             raise RestBadResponseError(url, f"malformed HTTP: {exc!r}") from None
         except (urllib.error.URLError, OSError, TimeoutError) as exc:
             raise RestUnavailableError(url, str(exc)) from None
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """The ticker endpoint does not redirect: a 3xx is an error (RestStatusError), not a
+    request to another host, or from https to http, that urllib would follow silently."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirects)
 
 
 def _retry_after(value: str | None) -> float | None:

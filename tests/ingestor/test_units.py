@@ -222,9 +222,10 @@ async def _misbehaving_rest(answer: bytes, trickle_s: float = 0.0) -> AsyncItera
 
 
 async def test_rest_answers_that_broke_the_resyncer_are_typed_errors() -> None:
-    """Three REST answers the resyncer could not survive: ``Retry-After: nan`` (a NaN delay
+    """REST answers the resyncer could not survive: ``Retry-After: nan`` (a NaN delay
     crashed the service under uvloop), a broken status line (a traceback, never retried),
-    and a server trickling its answer a byte at a time (urllib's timeout is per read: it
+    a redirect (followed to any host, https to http included), and a server trickling its
+    answer a byte at a time (urllib's timeout is per read: it
     held the request, and the process's exit, for minutes). Each is now an error the
     resyncer retries, within the client's timeout."""
     nan_429 = b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: nan\r\nContent-Length: 0\r\n\r\n"
@@ -240,6 +241,14 @@ async def test_rest_answers_that_broke_the_resyncer_are_typed_errors() -> None:
     assert local_value("ledgerflux_ingestor_rest_requests_total", outcome="bad_response") == (
         before + 1
     )
+
+    moved = (
+        b"HTTP/1.1 302 Found\r\nLocation: http://elsewhere.invalid/t\r\nContent-Length: 0\r\n\r\n"
+    )
+    async with _misbehaving_rest(moved) as url:  # followed silently, to any host
+        with pytest.raises(RestStatusError) as status:
+            await RestClient(url, timeout_s=2, rate=100, burst=100).ticker("BTC-USD")
+    assert status.value.status == 302
 
     body = b'{"trade_id": 1, "price": "1.0", "time": "2026-11-29T10:00:00Z"}'.ljust(400)
     slow = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body)
