@@ -59,12 +59,17 @@ async def load_last_ticks(
 
 
 def _readable(data: bytes, stream_seq: int, subject: str) -> StoredTick | None:
+    """The tick, if ``data`` is one and of the subject's product (its subject decides whose
+    state it becomes: a tick of another product there is as unreadable as garbage)."""
     try:
-        return StoredTick(decode_tick(data), data, stream_seq)
+        tick = decode_tick(data)
     except (msgspec.DecodeError, msgspec.ValidationError):
+        tick = None
+    if tick is None or tick.product != product_of_tick(subject):
         metrics.UNREADABLE_TICKS.inc()
         log.error("unreadable_tick_in_stream", subject=subject, stream_seq=stream_seq)
         return None
+    return StoredTick(tick, data, stream_seq)
 
 
 _MAX_LOOKUPS = 1000  # messages read back per product before giving up (logged)

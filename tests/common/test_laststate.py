@@ -27,8 +27,9 @@ def _tick(product: str, seq: int) -> bytes:
 async def test_a_product_whose_newest_message_is_not_a_tick_keeps_its_last_tick(
     nats_server: NatsServer,
 ) -> None:
-    """BTC-USD's newest messages are garbage (two of them, with hundreds of other messages
-    in between): its newest readable tick (seq 5) is the answer, not nothing. The product
+    """BTC-USD's newest messages are garbage or another product's tick (three of them, with
+    hundreds of other messages in between): its newest readable tick (seq 5) is the answer,
+    not nothing. The product
     was dropped, so a restarted normalizer forgot its seq (and the gateway its snapshot).
     A product with nothing readable is absent; every unreadable message met is counted."""
     nc = await nats.connect(nats_server.url)
@@ -46,6 +47,7 @@ async def test_a_product_whose_newest_message_is_not_a_tick_keeps_its_last_tick(
         for seq in range(300, 600):
             await js.publish(eth, _tick("ETH-USD", seq))
         await js.publish(btc, b'{"type": "tick"}')
+        await js.publish(btc, _tick("ETH-USD", 1000))  # a tick, but not BTC-USD's
         await js.publish(bad, b"never a tick")
         before = local_value("ledgerflux_unreadable_ticks_total")
         last = await load_last_ticks(js)
@@ -53,4 +55,4 @@ async def test_a_product_whose_newest_message_is_not_a_tick_keeps_its_last_tick(
         await nc.close()
     assert {p: s.tick.seq for p, s in last.items()} == {"BTC-USD": 5, "ETH-USD": 599}
     assert last["BTC-USD"].data == _tick("BTC-USD", 5)
-    assert local_value("ledgerflux_unreadable_ticks_total") - before == 3
+    assert local_value("ledgerflux_unreadable_ticks_total") - before == 4
