@@ -153,36 +153,61 @@ async def _read(ws: WebSocket, conn: ClientConnection, ctx: SessionContext) -> N
     commands = TokenBucket(settings.ws_cmds_per_sec, settings.ws_cmd_burst)
     strikes = 0  # rate-limited commands since strikes_since: flooding is persistent
     strikes_since = 0.0  # when they keep coming within WS_FLOOD_WINDOW_S
-    while conn.close_code is None:
-        try:
-            message = await ws.receive()
-        except WebSocketDisconnect as exc:
-            conn.peer_gone(exc.code)
-            return
-        if message["type"] == "websocket.disconnect":
-            # uvicorn reports its own closes here too (1009 frame too big, 1011 keepalive)
-            conn.peer_gone(int(message.get("code") or 1000))
-            return
-        data: str | bytes = message.get("text") or message.get("bytes") or b""
-        if len(data) > settings.ws_max_frame_bytes:
-            conn.request_close(CLOSE_TOO_BIG, "frame too big")
-            return
-        if not commands.take():
-            now = time.monotonic()
-            if now - strikes_since > settings.ws_flood_window_s:
-                strikes, strikes_since = 0, now
-            strikes += 1
-            if strikes >= settings.ws_flood_strikes:
-                throttle.emit(log.warning, "command_flood", strikes=strikes)
-                conn.request_close(CLOSE_POLICY, "command flood")
+    # A subscribe with a backfill is sent from a task of its own, so that a ping is answered
+    # at once (it waited for the whole backfill); any other command waits for the backfill
+    # to finish, and so keeps its order after the subscribe.
+    backfilling: asyncio.Task[None] | None = None
+    try:
+        while conn.close_code is None:
+            try:
+                message = await ws.receive()
+            except WebSocketDisconnect as exc:
+                conn.peer_gone(exc.code)
                 return
-            _error(conn, "rate_limited", "too many commands; slow down", request_id_of(data))
-            continue
-        try:
-            command = decode_command(data)
-            await handle_command(command, conn, ctx)
-        except BadCommandError as exc:
-            _error(conn, "bad_request", str(exc), exc.request_id)
+            if message["type"] == "websocket.disconnect":
+                # uvicorn reports its own closes here too (1009 frame too big, 1011 keepalive)
+                conn.peer_gone(int(message.get("code") or 1000))
+                return
+            data: str | bytes = message.get("text") or message.get("bytes") or b""
+            if len(data) > settings.ws_max_frame_bytes:
+                conn.request_close(CLOSE_TOO_BIG, "frame too big")
+                return
+            if not commands.take():
+                now = time.monotonic()
+                if now - strikes_since > settings.ws_flood_window_s:
+                    strikes, strikes_since = 0, now
+                strikes += 1
+                if strikes >= settings.ws_flood_strikes:
+                    throttle.emit(log.warning, "command_flood", strikes=strikes)
+                    conn.request_close(CLOSE_POLICY, "command flood")
+                    return
+                _error(conn, "rate_limited", "too many commands; slow down", request_id_of(data))
+                continue
+            try:
+                command = decode_command(data)
+            except BadCommandError as exc:
+                _error(conn, "bad_request", str(exc), exc.request_id)
+                continue
+            if type(command) is not Ping and backfilling is not None:
+                await backfilling
+                backfilling = None
+            if type(command) is Subscribe and command.backfill is not None:
+                backfilling = asyncio.create_task(_answer(command, conn, ctx))
+            else:
+                await _answer(command, conn, ctx)
+    finally:
+        if backfilling is not None:
+            if not backfilling.done():
+                backfilling.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await backfilling  # its own failure, if any, ends the session loudly
+
+
+async def _answer(command: Command, conn: ClientConnection, ctx: SessionContext) -> None:
+    try:
+        await handle_command(command, conn, ctx)
+    except BadCommandError as exc:
+        _error(conn, "bad_request", str(exc), exc.request_id)
 
 
 async def handle_command(command: Command, conn: ClientConnection, ctx: SessionContext) -> None:

@@ -264,3 +264,22 @@ async def test_a_message_on_md_ticks_that_is_not_a_tick_is_skipped_and_counted(g
     await gw.feed.publish([("BT1-USD", 3)])
     assert (await client.expect("tick"))["seq"] == 3
     await client.close()
+
+
+async def test_a_ping_during_a_backfill_is_answered_before_it_ends_and_commands_keep_order(
+    gw: Stack,
+) -> None:
+    """A 2,000-tick backfill (four chunks) with a ping right behind it: the pong comes before
+    the last chunk (it waited for the whole backfill). An unsubscribe sent right after still
+    waits for the backfill: ``unsubscribed`` comes after its ``done``."""
+    await gw.feed.publish(interleaved(["PB1-USD"], CAP))
+    client = await subscribe(gw, ["PB1-USD"], {"last": CAP})
+    await client.send({"op": "ping", "id": "mid"})
+    await client.send({"op": "unsubscribe", "products": ["PB1-USD"], "id": "after"})
+    await client.until(lambda c: bool(c.of_type("unsubscribed")))
+    kinds = [(m["type"], m.get("id"), m.get("done")) for m in client.messages]
+    done = kinds.index(("backfill", None, True))
+    assert kinds.index(("pong", "mid", None)) < done, kinds
+    assert kinds.index(("unsubscribed", "after", None)) > done, kinds
+    assert len(client.backfilled("PB1-USD")) == CAP
+    await client.close()
