@@ -54,5 +54,16 @@ class LogThrottle:
         return True
 
 
+# Every event logged through the throttle: its suppressed-lines series exists from the start
+# (at 0), so dashboards and alerts can query it before anything was left out.
+# tests/common/test_logthrottle.py checks every emit() in services/ names one of these.
+THROTTLED_EVENTS = (
+    "auth_failed", "origin_rejected", "connection_refused", "client_connected",
+    "client_disconnected", "command_flood", "slow_consumer", "ping_flood",
+    "bad_tick_on_stream", "unreadable_tick_in_stream", "frame_dead_lettered", "bad_ddb_item",
+)  # fmt: skip
+for _event in THROTTLED_EVENTS:
+    metrics.LOG_LINES_SUPPRESSED.labels(event=_event)
+
 # one per process: the budget is per event, whichever module or connection logs it
 throttle = LogThrottle()

@@ -3,9 +3,11 @@ counted and reported on the next line of that event that passes."""
 
 from __future__ import annotations
 
+import ast
+from pathlib import Path
 from typing import Any
 
-from services.common.logthrottle import LogThrottle
+from services.common.logthrottle import THROTTLED_EVENTS, LogThrottle
 from tests.support.metrics import local_value
 
 
@@ -53,3 +55,25 @@ def test_each_event_has_its_own_budget() -> None:
     assert throttle.emit(sink, "unit_a") and not throttle.emit(sink, "unit_a")
     assert throttle.emit(sink, "unit_b")
     assert lines == ["unit_a", "unit_b"]
+
+
+def test_every_throttled_event_is_declared_so_its_series_exists_from_the_start() -> None:
+    """A labelled counter shows nothing until its first child: an event not declared in
+    THROTTLED_EVENTS has no ``..._suppressed_total`` series until a line of it is left
+    out, and the dashboard's query of it found nothing (the e2e test's metric check)."""
+    root = Path(__file__).resolve().parents[2] / "services"
+    used = set()
+    for path in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr == "emit"
+                and isinstance(node.func.value, ast.Name)
+                and node.func.value.id == "throttle"
+            ):
+                event = node.args[1]
+                assert isinstance(event, ast.Constant), f"{path}: event must be a literal"
+                used.add(event.value)
+    assert used, "no throttle.emit call found"
+    assert used == set(THROTTLED_EVENTS)
