@@ -39,7 +39,7 @@ USER_AGENT = "ledgerflux-ingestor/0.1"  # Coinbase rejects requests without a Us
 _MAX_BODY = 64 * 1024
 _DEFAULT_429_PAUSE_S = 1.0
 _MAX_429_PAUSE_S = 30.0
-_MAX_REQUEST_THREADS = 16
+_MAX_ABANDONED = 16
 
 
 # What a REST ticker must look like to become a resync tick; anything else is a
@@ -145,8 +145,10 @@ class RestClient:
         self.timeout_s = timeout_s
         self.bucket = TokenBucket(rate, burst)
         self._pause_s = _DEFAULT_429_PAUSE_S
-        # threads of abandoned requests linger until their server stops trickling: bounded
-        self._threads = threading.BoundedSemaphore(_MAX_REQUEST_THREADS)
+        # at most ``burst`` requests are in flight; the threads of abandoned ones linger until
+        # their server stops trickling: _MAX_ABANDONED more, then requests fail fast
+        self._max_threads = burst + _MAX_ABANDONED
+        self._threads = threading.BoundedSemaphore(self._max_threads)
 
     async def ticker(
         self, product: str, *, cancel_if: Callable[[], bool] | None = None
@@ -200,7 +202,7 @@ class RestClient:
         """:meth:`_get` in a daemon thread, within ``timeout_s`` in all."""
         if not self._threads.acquire(blocking=False):
             raise RestUnavailableError(
-                url, f"{_MAX_REQUEST_THREADS} earlier requests still hang past their deadline"
+                url, f"{self._max_threads} earlier requests still hang (past their deadline)"
             )
         loop = asyncio.get_running_loop()
         done: asyncio.Future[bytes] = loop.create_future()
