@@ -23,10 +23,10 @@ from services.common.logthrottle import throttle
 from services.common.subjects import TICKS_STREAM
 from services.gateway import metrics
 from services.gateway.admission import Gatekeeper, presented_key
-from services.gateway.connection import CLOSE_GOING_AWAY, CLOSE_TRY_AGAIN
 from services.gateway.hub import Hub
 from services.gateway.limits import KeyLimiter, key_id
 from services.gateway.live import LiveTail
+from services.gateway.protocol import CLOSE_GOING_AWAY, CLOSE_TRY_AGAIN
 from services.gateway.session import SessionContext, new_connection, run_session
 from services.gateway.settings import GatewaySettings
 from services.gateway.uvicorn_logs import mark_handshake_denied

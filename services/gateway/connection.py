@@ -25,19 +25,12 @@ from services.common.logging import get_logger
 from services.common.models import encode_tick
 from services.common.tokenbucket import TokenBucket
 from services.gateway import metrics
+from services.gateway.protocol import CLOSE_ABNORMAL
 from services.gateway.settings import GatewaySettings
 from services.gateway.ticks import LiveTick
 from services.gateway.window import WindowBatch
 
 log = get_logger(__name__)
-
-CLOSE_GOING_AWAY = 1001
-CLOSE_ABNORMAL = 1006  # recorded, never sent: the socket went without a close frame
-CLOSE_POLICY = 1008
-CLOSE_TOO_BIG = 1009
-CLOSE_TRY_AGAIN = 1013
-CLOSE_SLOW_CONSUMER = 4008
-CLOSE_UNAUTHORIZED = 4401
 
 # A queued frame: a shared tick (its bytes and cached text serve every client), a shared
 # window of ticks (batch connections), or bytes of this connection's own (control

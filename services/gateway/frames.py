@@ -26,6 +26,7 @@ from services.common.logging import get_logger
 from services.common.logthrottle import throttle
 from services.common.tokenbucket import TokenBucket
 from services.gateway import metrics
+from services.gateway.protocol import CLOSE_POLICY
 
 log = get_logger(__name__)
 
@@ -35,7 +36,6 @@ FRAME_WRITER = "ledgerflux.frame_writer"
 # frame parse and a pong write, outside the command limit): closed with 1008.
 PING_RATE_PER_S = 10.0
 PING_BURST = 50
-_CLOSE_POLICY = 1008  # connection.CLOSE_POLICY (connection imports this module)
 
 _FIN_TEXT = 0x81  # FIN + opcode 1 (text)
 
@@ -128,9 +128,9 @@ class FrameWriterProtocol(WebSocketsSansIOProtocol):
         # the client echoes it (closing at once reset the connection under the client's
         # pending pings, and it never saw the close frame) or after close_timeout
         self.queue.put_nowait(
-            {"type": "websocket.disconnect", "code": _CLOSE_POLICY, "reason": "ping flood"}
+            {"type": "websocket.disconnect", "code": CLOSE_POLICY, "reason": "ping flood"}
         )
-        self.conn.send_close(_CLOSE_POLICY, "ping flood")
+        self.conn.send_close(CLOSE_POLICY, "ping flood")
         self.transport.write(b"".join(self.conn.data_to_send()))
         self.close_sent = True
         if self.read_paused:

@@ -16,6 +16,15 @@ from typing import Annotated, Literal
 
 import msgspec
 
+# WebSocket close codes (DESIGN §8)
+CLOSE_GOING_AWAY = 1001
+CLOSE_ABNORMAL = 1006  # recorded, never sent: the socket went without a close frame
+CLOSE_POLICY = 1008
+CLOSE_TOO_BIG = 1009
+CLOSE_TRY_AGAIN = 1013
+CLOSE_SLOW_CONSUMER = 4008
+CLOSE_UNAUTHORIZED = 4401
+
 ErrorCode = Literal[
     "bad_request",
     "unknown_product",

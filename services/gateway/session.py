@@ -19,17 +19,14 @@ from services.common.subjects import is_valid_product
 from services.common.tokenbucket import TokenBucket
 from services.gateway import metrics
 from services.gateway.backfill import BackfillResult, read_backfill
-from services.gateway.connection import (
-    CLOSE_POLICY,
-    CLOSE_SLOW_CONSUMER,
-    CLOSE_TOO_BIG,
-    ClientConnection,
-    Frame,
-)
+from services.gateway.connection import ClientConnection, Frame
 from services.gateway.errors import BackfillUnavailableError
 from services.gateway.frames import FRAME_WRITER, ConnectionGone, FrameWriterProtocol, text_frame
 from services.gateway.hub import Hub
 from services.gateway.protocol import (
+    CLOSE_POLICY,
+    CLOSE_SLOW_CONSUMER,
+    CLOSE_TOO_BIG,
     BackfillSpec,
     BadCommandError,
     Command,
