@@ -51,6 +51,22 @@ def encode_tick(tick: Tick) -> bytes:
     return _encoder.encode(tick)
 
 
+class _SeqOnly(msgspec.Struct):
+    seq: int
+
+
+_seq_decoder = msgspec.json.Decoder(_SeqOnly)
+
+
+def decode_tick_seq(data: bytes | str) -> int:
+    """Only a tick's ``seq`` (msgspec skips the rest in C: the cheap read for ordering);
+    raises ``msgspec.DecodeError`` (``ValidationError`` included) like :func:`decode_tick`."""
+    try:
+        return _seq_decoder.decode(data).seq
+    except RecursionError:  # nested past msgspec's depth limit (in a field it skips)
+        raise msgspec.DecodeError("JSON nested too deeply") from None
+
+
 def decode_tick(data: bytes | str) -> Tick:
     """Parse and type-check a tick; raises ``msgspec.ValidationError``/``DecodeError``."""
     try:

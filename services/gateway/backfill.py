@@ -34,6 +34,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RawStreamMsg
 
 from services.common.logging import get_logger
 from services.common.logthrottle import throttle
+from services.common.models import decode_tick_seq
 from services.common.subjects import TICKS_STREAM, tick_subject
 from services.gateway import metrics
 from services.gateway.errors import BackfillUnavailableError
@@ -46,13 +47,6 @@ _FETCH_BATCH = 500
 # queue can lag core delivery by a little); ticks published later are in the live buffer
 _TAIL_WAIT_S = 0.25
 _PROBES = 6
-
-
-class _SeqOnly(msgspec.Struct):
-    seq: int
-
-
-_seq_decoder = msgspec.json.Decoder(_SeqOnly)
 
 
 @dataclass(slots=True)
@@ -133,10 +127,7 @@ def _result(before: RawStreamMsg | None, window: list[tuple[int, bytes]]) -> Bac
 
 
 def _seq(msg: RawStreamMsg) -> int:
-    try:
-        return _seq_decoder.decode(msg.data or b"").seq
-    except RecursionError:  # as any other undecodable message for the callers
-        raise msgspec.DecodeError("JSON nested too deeply") from None
+    return decode_tick_seq(msg.data or b"")
 
 
 def _at_or_after(msg: RawStreamMsg, since: datetime) -> bool:
@@ -247,8 +238,8 @@ async def _drain(
             for msg in msgs:
                 read += 1
                 try:
-                    seq = _seq_decoder.decode(msg.data).seq
-                except (msgspec.DecodeError, RecursionError):  # includes ValidationError
+                    seq = decode_tick_seq(msg.data)
+                except msgspec.DecodeError:  # includes ValidationError
                     metrics.BAD_TICKS.labels(path="backfill").inc()
                     throttle.emit(log.error, "unreadable_tick_in_stream", subject=msg.subject)
                     continue

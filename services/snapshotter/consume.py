@@ -21,7 +21,7 @@ import msgspec
 from services.common.aio import wait_any
 from services.common.logging import get_logger
 from services.common.logthrottle import throttle
-from services.common.models import decode_tick
+from services.common.models import decode_tick, decode_tick_seq
 from services.common.pull import Delivery, TrackedPull
 from services.common.subjects import product_of_tick
 from services.snapshotter import metrics
@@ -30,13 +30,6 @@ from services.snapshotter.settings import SnapshotterSettings
 from services.snapshotter.state import DurableState
 
 log = get_logger(__name__)
-
-
-class _SeqOnly(msgspec.Struct):
-    seq: int
-
-
-_seq_decoder = msgspec.json.Decoder(_SeqOnly)
 
 
 @dataclass
@@ -53,8 +46,8 @@ class Pass:
         for msg in msgs:
             product = product_of_tick(msg.subject)
             try:
-                seq = _seq_decoder.decode(msg.data).seq
-            except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
+                seq = decode_tick_seq(msg.data)
+            except msgspec.DecodeError as exc:  # includes ValidationError
                 metrics.BAD_TICKS.inc()
                 throttle.emit(log.error, "bad_tick_on_stream", subject=msg.subject, error=str(exc))
                 continue

@@ -8,7 +8,7 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from services.common.models import decode_tick
+from services.common.models import decode_tick, decode_tick_seq
 from services.gateway.protocol import BadCommandError, decode_command, request_id_of
 from services.ingestor.frames import UnparseableFrameError, parse_frame
 from services.normalizer.process import RawIn, process_batch
@@ -42,5 +42,7 @@ def test_the_gateway_answers_bad_request() -> None:
 def test_stored_data_is_undecodable_like_any_other() -> None:
     with pytest.raises(msgspec.DecodeError):
         decode_tick('{"type": "tick", "x": ' + DEEP + "}")
+    with pytest.raises(msgspec.DecodeError):  # the seq-only read of the snapshotter, backfill
+        decode_tick_seq('{"x": ' + DEEP + ', "seq": 1}')
     with pytest.raises(SnapshotReadError):
         parse_snapshot(('{"x": ' + DEEP + "}").encode())
