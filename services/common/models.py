@@ -42,6 +42,10 @@ class Tick(msgspec.Struct, kw_only=True, tag_field="type", tag="tick"):
     skipped: int | msgspec.UnsetType = msgspec.UNSET
 
 
+# Coinbase's decimal strings, carried into ticks byte for byte: digits with an optional
+# fraction, no sign or exponent (the normalizer's and the ingestor's REST check)
+DECIMAL_PATTERN = r"[0-9]+(?:\.[0-9]+)?"
+
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(Tick)
 

@@ -27,6 +27,7 @@ from urllib.parse import quote
 
 import msgspec
 
+from services.common.models import DECIMAL_PATTERN
 from services.ingestor import metrics
 from services.ingestor.errors import (
     RestBadResponseError,
@@ -47,7 +48,7 @@ _MAX_ABANDONED = 16
 # is a resync spent, and a trade_id far past the feed's (2**62 was taken) switched the
 # product's gap detection off until a restart. Coinbase trade ids are ~1e9; 2**53 keeps
 # them exact in any JSON reader.
-_Decimal = Annotated[str, msgspec.Meta(pattern=r"^[0-9]+(\.[0-9]+)?$")]
+_Decimal = Annotated[str, msgspec.Meta(pattern=f"^{DECIMAL_PATTERN}$")]
 _Time = Annotated[
     str,
     msgspec.Meta(

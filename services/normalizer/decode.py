@@ -16,7 +16,7 @@ from typing import Any, cast
 
 import msgspec
 
-from services.common.models import Tick
+from services.common.models import DECIMAL_PATTERN, Tick
 from services.normalizer.errors import (
     BadDecimalError,
     BadTimeError,
@@ -27,8 +27,7 @@ from services.normalizer.errors import (
     UnsupportedTypeError,
 )
 
-# Coinbase decimals: plain digits with an optional fraction, no sign or exponent.
-DECIMAL_RE = re.compile(r"[0-9]+(?:\.[0-9]+)?")
+DECIMAL_RE = re.compile(DECIMAL_PATTERN)
 # All decimal fields of a ticker joined by "," and checked by one regex call: ten separate
 # checks cost several times more in Python (measured in bench/normalize.py). Possessive
 # quantifiers (the grammar never needs to backtrack) halve the regex's time.
