@@ -22,7 +22,7 @@ from services.common.logging import get_logger
 from services.common.logthrottle import throttle
 from services.common.subjects import TICKS_STREAM
 from services.gateway import metrics
-from services.gateway.admission import Gatekeeper, presented_key
+from services.gateway.admission import Gatekeeper, denial_body, peer_name, presented_key
 from services.gateway.hub import Hub
 from services.gateway.limits import KeyLimiter, key_id
 from services.gateway.live import LiveTail
@@ -159,21 +159,13 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         return JSONResponse(body, status_code=404)
 
     async def ws_endpoint(ws: WebSocket) -> None:
-        origin = ws.headers.get("origin")
-        if not state.gatekeeper.origin_allowed(origin):
-            metrics.ORIGIN_REJECTED.inc()
-            throttle.emit(
-                log.info, "origin_rejected", origin=(origin or "")[:200], client=str(ws.client)
-            )
-            await _deny(ws, "origin not allowed")
+        # our WebSocket protocol refuses these before the ASGI app runs (frames.py); this
+        # check is for a server without it, which would otherwise admit anyone
+        reason = state.gatekeeper.denial(ws.query_params, ws.headers, peer_name(ws.client))
+        if reason is not None:
+            await _deny(ws, reason)
             return
         key = presented_key(ws.query_params, ws.headers)
-        if not state.gatekeeper.key_valid(key):
-            reason = "missing" if key is None else "invalid"
-            metrics.AUTH_FAILURES.labels(reason=reason).inc()
-            throttle.emit(log.info, "auth_failed", reason=reason, client=str(ws.client))
-            await _deny(ws, f"{reason} API key")
-            return
         if not state.accepting:
             await _refuse(ws, "shutting_down", "server shutting down")
             return
@@ -202,14 +194,15 @@ async def _deny(ws: WebSocket, message: str) -> None:
     """Refuse the handshake with 403 and an ``unauthorized`` error body (the caller has
     logged why; uvicorn's own lines about it are dropped)."""
     mark_handshake_denied()
-    body = {"type": "error", "code": "unauthorized", "message": message, "id": None}
-    await ws.send_denial_response(JSONResponse(body, status_code=403))
+    await ws.send_denial_response(
+        Response(denial_body(message), status_code=403, media_type="application/json")
+    )
 
 
 async def _refuse(ws: WebSocket, cause: str, reason: str) -> None:
     """Accept, then close with 1013 (try again later) saying why."""
     metrics.DISCONNECTS.labels(code=str(CLOSE_TRY_AGAIN)).inc()
     metrics.REFUSED.labels(cause=cause).inc()
-    throttle.emit(log.info, "connection_refused", cause=cause, client=str(ws.client))
+    throttle.emit(log.info, "connection_refused", cause=cause, client=peer_name(ws.client))
     await ws.accept()
     await ws.close(CLOSE_TRY_AGAIN, reason)

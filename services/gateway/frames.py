@@ -12,13 +12,21 @@ the ASGI scope (``scope["extensions"][FRAME_WRITER]``) so a session can do that.
 pongs and the close handshake still go through websockets' state machine; raw frames are
 only written while the connection is open, no close was sent or received and no extension
 (permessage-deflate) was negotiated — otherwise the session uses plain ASGI sends.
+
+It also refuses upgrades that fail the Origin or API-key check (``Gatekeeper.denial``)
+with the 403 itself, before uvicorn builds a scope and starts the ASGI app for them:
+:func:`gated_protocol` gives uvicorn a subclass that knows the gatekeeper.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import email.utils
+from typing import Any, ClassVar
+from urllib.parse import parse_qsl
 
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.datastructures import Headers
+from websockets.http11 import Request, Response
 from websockets.protocol import State
 
 from services.common.aio import Signal
@@ -26,6 +34,7 @@ from services.common.logging import get_logger
 from services.common.logthrottle import throttle
 from services.common.tokenbucket import TokenBucket
 from services.gateway import metrics
+from services.gateway.admission import Gatekeeper, denial_body, peer_name
 from services.gateway.protocol import CLOSE_POLICY
 
 log = get_logger(__name__)
@@ -114,6 +123,35 @@ class FrameWriterProtocol(WebSocketsSansIOProtocol):
 
     # created at a client's first ping: most connections never send one
     _pings: TokenBucket | None = None
+    # set on the subclass uvicorn instantiates (gated_protocol)
+    gatekeeper: ClassVar[Gatekeeper | None] = None
+
+    def handle_connect(self, event: Request) -> None:
+        gatekeeper = self.gatekeeper
+        if gatekeeper is not None:
+            query = dict(parse_qsl(event.path.partition("?")[2], keep_blank_values=True))
+            reason = gatekeeper.denial(query, event.headers, peer_name(self.client))
+            if reason is not None:
+                self._deny(reason)
+                return
+        super().handle_connect(event)
+
+    def _deny(self, reason: str) -> None:
+        """403 with the protocol's ``unauthorized`` error, then close (as uvicorn answers a
+        request that is no valid upgrade): no scope, ASGI task or app involved."""
+        body = denial_body(reason)
+        headers = Headers(
+            [
+                ("Date", email.utils.formatdate(usegmt=True)),
+                ("Connection", "close"),
+                ("Content-Length", str(len(body))),
+                ("Content-Type", "application/json"),
+            ]
+        )
+        self.handshake_initiated = self.handshake_complete = self.close_sent = True
+        self.conn.send_response(Response(403, "Forbidden", headers, body))
+        self.transport.write(b"".join(self.conn.data_to_send()))
+        self.transport.close()
 
     def handle_ping(self) -> None:
         if self._pings is None:
@@ -149,7 +187,9 @@ class FrameWriterProtocol(WebSocketsSansIOProtocol):
         self.conn.parser = None  # type: ignore[assignment]
         self.conn.parser_exc = None
         self.transport = _LOST  # type: ignore[assignment]
-        self.scope.get("extensions", {}).pop(FRAME_WRITER, None)  # the scope holds us too
+        scope = getattr(self, "scope", None)  # none for an upgrade refused before the app
+        if scope is not None:
+            scope.get("extensions", {}).pop(FRAME_WRITER, None)  # the scope holds us too
 
     async def run_asgi(self) -> None:
         self.scope["extensions"][FRAME_WRITER] = self  # type: ignore[assignment]
@@ -179,3 +219,8 @@ class FrameWriterProtocol(WebSocketsSansIOProtocol):
         ):
             raise ConnectionGone
         self.transport.write(b"".join(frames))
+
+
+def gated_protocol(gatekeeper: Gatekeeper) -> type[FrameWriterProtocol]:
+    """The protocol class for uvicorn's ``ws=``, refusing what ``gatekeeper`` denies."""
+    return type("GatedFrameWriterProtocol", (FrameWriterProtocol,), {"gatekeeper": gatekeeper})

@@ -18,6 +18,7 @@ from services.common.logthrottle import throttle
 from services.common.subjects import is_valid_product
 from services.common.tokenbucket import TokenBucket
 from services.gateway import metrics
+from services.gateway.admission import peer_name
 from services.gateway.backfill import BackfillResult, read_backfill
 from services.gateway.connection import ClientConnection, Frame
 from services.gateway.errors import BackfillUnavailableError
@@ -52,6 +53,11 @@ _conn_ids = itertools.count(1)
 BACKFILL_CHUNK = 500  # ticks per backfill message (~250 KB): bounded frames, few of them
 # how long a close may wait for a backed-up socket to take the close frame
 _CLOSE_TIMEOUT_S = 5.0
+# Commands a session handles before it lets the loop run others: a client's burst of frames
+# arrives in one socket read and waits in its inbox, so the reader would otherwise handle
+# all of it (hundreds of commands from a flooder, milliseconds) while every other client's
+# ticks wait behind it.
+COMMANDS_PER_TURN = 16
 
 
 @dataclass(slots=True)
@@ -80,7 +86,7 @@ async def run_session(ws: WebSocket, conn: ClientConnection, ctx: SessionContext
     with bound_contextvars(conn_id=conn.conn_id):
         hub.add(conn)
         started = time.monotonic()
-        throttle.emit(log.info, "client_connected", client=str(ws.client), batch=conn.batch)
+        throttle.emit(log.info, "client_connected", client=peer_name(ws.client), batch=conn.batch)
         conn.send_control(
             encode(
                 {
@@ -154,8 +160,12 @@ async def _read(ws: WebSocket, conn: ClientConnection, ctx: SessionContext) -> N
     # at once (it waited for the whole backfill); any other command waits for the backfill
     # to finish, and so keeps its order after the subscribe.
     backfilling: asyncio.Task[None] | None = None
+    handled = 0
     try:
         while conn.close_code is None:
+            handled += 1
+            if handled % COMMANDS_PER_TURN == 0:
+                await asyncio.sleep(0)
             try:
                 message = await ws.receive()
             except WebSocketDisconnect as exc:

@@ -3,8 +3,11 @@ requests, the hand-over buffer and the per-process key limit."""
 
 from __future__ import annotations
 
+from collections.abc import MutableMapping
 from datetime import UTC, datetime
+from typing import Any
 
+import orjson
 import pytest
 from pydantic import ValidationError
 from websockets.client import ClientProtocol
@@ -14,6 +17,7 @@ from websockets.uri import parse_uri
 
 from services.common.tokenbucket import TokenBucket
 from services.gateway.admission import Gatekeeper, presented_key
+from services.gateway.app import create_app
 from services.gateway.connection import ClientConnection
 from services.gateway.frames import text_frame
 from services.gateway.limits import KeyLimiter, key_id
@@ -126,3 +130,33 @@ def test_prebuilt_text_frames_parse_as_websockets_reads_them(size: int) -> None:
         (Opcode.TEXT, True, payload),
         (Opcode.TEXT, True, b"[]"),
     ]
+
+
+async def test_the_app_refuses_bad_keys_itself_behind_another_websocket_server() -> None:
+    """The gateway's own protocol refuses a bad key before the ASGI app runs; the app checks
+    again, so that behind a server without that protocol nobody gets in unchecked: 403 with
+    the ``unauthorized`` error, and no accept."""
+    app = create_app(GatewaySettings.model_validate({"gateway_api_keys": "k1"}))
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "websocket.connect"}
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        sent.append(dict(message))
+
+    scope = {
+        "type": "websocket", "asgi": {"version": "3.0", "spec_version": "2.4"},
+        "http_version": "1.1", "scheme": "ws", "server": ("127.0.0.1", 8080),
+        "client": ("127.0.0.1", 5555), "root_path": "", "path": "/ws", "raw_path": b"/ws",
+        "query_string": b"token=wrong", "headers": [(b"host", b"x")], "subprotocols": [],
+        "state": {}, "extensions": {"websocket.http.response": {}},
+    }  # fmt: skip
+    await app(scope, receive, send)
+    assert [m["type"] for m in sent] == [
+        "websocket.http.response.start",
+        "websocket.http.response.body",
+    ], sent
+    assert sent[0]["status"] == 403
+    body = orjson.loads(sent[1]["body"])
+    assert (body["code"], body["message"]) == ("unauthorized", "invalid API key"), body
