@@ -46,62 +46,83 @@ class DirectParser(Parser):
         self.handlers: dict[int, DirectHandler] = {}
 
     async def parse(self, data: bytes = b"") -> None:
+        """Handle every whole protocol line and message in the buffer plus ``data``.
+
+        Messages are cut out of one immutable copy of the buffer by position, and the
+        buffer is trimmed once per call: slicing the ``bytearray`` per message (the
+        control line and the payload each copied twice, the buffer shifted twice, the
+        arguments kept in a dict) cost ~30 % more (callgrind, ARCHITECTURE.md)."""
         buf = self.buf
         buf.extend(data)
         handlers = self.handlers
-        nc = self.nc
-        while buf:
-            if self.state == AWAITING_CONTROL_LINE:
-                op = bytes(buf[:4])
-                if op == b"MSG " or op == b"HMSG":
-                    end = buf.find(_CRLF)
+        view = bytes(buf)
+        size = len(view)
+        pos = 0
+        # the message whose payload is awaited, if any (carried over from the last read)
+        in_payload = self.state == AWAITING_MSG_PAYLOAD
+        if in_payload:
+            arg = self.msg_arg
+            sid, subject, reply = arg["sid"], arg["subject"], arg["reply"]
+            needed, header_size = self.needed, self.header_needed
+        try:
+            while pos < size:
+                if not in_payload:
+                    with_headers = view.startswith(b"HMSG ", pos)
+                    if not with_headers and not view.startswith(b"MSG ", pos):
+                        # a line of another kind (rare): nats-py's handling on the buffer
+                        del buf[:pos]
+                        pos = 0
+                        if not await self._other_line():
+                            return
+                        view = bytes(buf)
+                        size = len(view)
+                        continue
+                    end = view.find(_CRLF, pos)
                     if end < 0:
-                        if len(buf) > MAX_CONTROL_LINE_SIZE:
+                        if size - pos > MAX_CONTROL_LINE_SIZE:
                             raise ProtocolError("nats: control line too long")
                         return  # a split control line: wait for the rest
-                    self._message_line(bytes(buf[4:end]).split(), op == b"HMSG")
-                    del buf[: end + 2]
-                    self.state = AWAITING_MSG_PAYLOAD
-                    continue
-                if not await self._other_line():
-                    return
-            else:
-                needed = self.needed
-                if len(buf) < needed + 2:
-                    return  # wait for the whole payload
-                header_size = self.header_needed
+                    # MSG <subject> <sid> [reply] <size> / HMSG ... [reply] <hdr> <size>
+                    args = view[pos + 4 + with_headers : end].split()
+                    count = len(args) - with_headers
+                    if count not in (3, 4) or not args[-1].isdigit():
+                        raise ProtocolError("nats: malformed MSG")
+                    needed = int(args[-1])
+                    header_size = 0
+                    if with_headers:
+                        if not args[-2].isdigit():
+                            raise ProtocolError("nats: malformed MSG")
+                        header_size = int(args[-2])
+                    subject, sid = args[0], int(args[1])
+                    reply = args[2] if count == 4 else b""
+                    pos = end + 2
+                    in_payload = True
+                end = pos + needed
+                if size - end < 2:
+                    return  # wait for the whole payload (and its CRLF)
                 if header_size:
-                    headers: bytes | None = bytes(buf[:header_size])
-                    payload = bytes(buf[header_size:needed])
-                    self.header_needed = 0
+                    headers: bytes | None = view[pos : pos + header_size]
+                    payload = view[pos + header_size : end]
                 else:
                     headers = None
-                    payload = bytes(buf[:needed])
-                del buf[: needed + 2]
-                self.state = AWAITING_CONTROL_LINE
-                arg = self.msg_arg
-                handler = handlers.get(arg["sid"])
+                    payload = view[pos:end]
+                pos = end + 2
+                in_payload = False
+                handler = handlers.get(sid)
                 if handler is not None:
-                    handler(arg["subject"], arg["reply"], payload, headers)
+                    handler(subject, reply, payload, headers)
                 else:
-                    await nc._process_msg(
-                        arg["sid"], arg["subject"], arg["reply"], payload, headers
-                    )
-
-    def _message_line(self, args: list[bytes], with_headers: bool) -> None:
-        """``MSG <subject> <sid> [reply] <size>`` / ``HMSG <subject> <sid> [reply] <hdr> <size>``"""
-        count = len(args) - (1 if with_headers else 0)
-        if count not in (3, 4) or not args[-1].isdigit():
-            raise ProtocolError("nats: malformed MSG")
-        arg = self.msg_arg
-        arg["subject"] = args[0]
-        arg["sid"] = int(args[1])
-        arg["reply"] = args[2] if count == 4 else b""
-        self.needed = int(args[-1])
-        if with_headers:
-            if not args[-2].isdigit():
-                raise ProtocolError("nats: malformed MSG")
-            self.header_needed = int(args[-2])
+                    assert self.nc is not None
+                    await self.nc._process_msg(sid, subject, reply, payload, headers)
+        finally:
+            if pos:
+                del buf[:pos]
+            if in_payload:
+                self.state = AWAITING_MSG_PAYLOAD
+                self.msg_arg.update(sid=sid, subject=subject, reply=reply)
+                self.needed, self.header_needed = needed, header_size
+            else:
+                self.state = AWAITING_CONTROL_LINE
 
     async def _other_line(self) -> bool:
         """Handle one non-message control line as nats-py does; ``False``: need more bytes."""

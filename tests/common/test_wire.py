@@ -5,6 +5,7 @@ get theirs, with the headers nats-py would have parsed."""
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import AsyncIterator
 
 import nats
@@ -12,7 +13,13 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from services.common.wire import direct_parser, parse_headers, status_of, subscribe_direct
+from services.common.wire import (
+    DirectParser,
+    direct_parser,
+    parse_headers,
+    status_of,
+    subscribe_direct,
+)
 from services.devstack.servers import NatsServer
 
 pytestmark = pytest.mark.integration
@@ -108,3 +115,77 @@ def test_parse_headers_inline_status_and_values() -> None:
     assert status_of(raw) == b"408"
     assert status_of(b"NATS/1.0\r\nA: b\r\n\r\n") is None
     assert parse_headers(b"NATS/1.0\r\nA: b:c\r\n\r\n") == {"A": "b:c"}
+
+
+class _RecordingClient:
+    """What the parser calls on its client for lines that are not direct messages."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[object, ...]] = []
+
+    async def _process_msg(
+        self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes | None
+    ) -> None:
+        self.events.append(("plain", sid, subject, reply, data, headers))
+
+    async def _process_ping(self) -> None:
+        self.events.append(("ping",))
+
+    async def _process_pong(self) -> None:
+        self.events.append(("pong",))
+
+
+def _protocol_stream(rng: random.Random) -> tuple[bytes, list[tuple[object, ...]]]:
+    """MSG/HMSG (direct sid 7, plain sid 9), PING, PONG and +OK lines, and what each means."""
+    wire: list[bytes] = []
+    expected: list[tuple[object, ...]] = []
+    for i in range(300):
+        kind = rng.choice(["msg", "hmsg", "msg", "hmsg", "ping", "pong", "ok"])
+        if kind == "ping":
+            wire.append(b"PING\r\n")
+            expected.append(("ping",))
+        elif kind == "pong":
+            wire.append(b"PONG\r\n")
+            expected.append(("pong",))
+        elif kind == "ok":
+            wire.append(b"+OK\r\n")
+        else:
+            sid = rng.choice([7, 9])
+            subject = b"md.ticks.%d.P%d" % (i % 4, i)
+            reply = rng.choice([b"", b"$JS.ACK.S.c.1.%d.%d.1.0" % (i, i)])
+            data = _payload(i, rng.choice([0, 1, 30, 700, 5000]))
+            headers = b"NATS/1.0\r\nNats-Msg-Id: m%d\r\n\r\n" % i if kind == "hmsg" else None
+            args = [subject, b"%d" % sid] + ([reply] if reply else [])
+            if headers is None:
+                wire.append(b"MSG %s %d\r\n" % (b" ".join(args), len(data)))
+            else:
+                total = len(headers) + len(data)
+                wire.append(
+                    b"HMSG %s %d %d\r\n%s" % (b" ".join(args), len(headers), total, headers)
+                )
+            wire.append(data + b"\r\n")
+            expected.append(("direct" if sid == 7 else "plain", sid, subject, reply, data, headers))
+    return b"".join(wire), expected
+
+
+@pytest.mark.parametrize("seed", range(20))
+async def test_the_parser_gives_every_message_whole_however_the_reads_split(seed: int) -> None:
+    """The same protocol stream cut into reads at random places (inside control lines,
+    headers, payloads and CRLFs, down to one byte): every message reaches its handler or
+    nats-py's path whole and in order, every PING/PONG is handled, nothing is left over."""
+    rng = random.Random(seed)
+    stream, expected = _protocol_stream(rng)
+    client = _RecordingClient()
+    parser = DirectParser(client)  # type: ignore[arg-type]  # the calls the parser makes
+
+    def direct(subject: bytes, reply: bytes, data: bytes, headers: bytes | None) -> None:
+        client.events.append(("direct", 7, subject, reply, data, headers))
+
+    parser.handlers[7] = direct
+    pos = 0
+    while pos < len(stream):
+        step = rng.choice([1, 2, 3, 7, 64, 1000, 4096, 20_000])
+        await parser.parse(stream[pos : pos + step])
+        pos += step
+    assert client.events == expected
+    assert not parser.buf
