@@ -10,6 +10,8 @@ from typing import Any
 import orjson
 import pytest
 from pydantic import ValidationError
+from uvicorn.config import Config
+from uvicorn.server import ServerState
 from websockets.client import ClientProtocol
 from websockets.frames import Frame, Opcode
 from websockets.protocol import State
@@ -19,7 +21,7 @@ from services.common.tokenbucket import TokenBucket
 from services.gateway.admission import Gatekeeper, presented_key
 from services.gateway.app import create_app
 from services.gateway.connection import ClientConnection
-from services.gateway.frames import text_frame
+from services.gateway.frames import gated_protocol, text_frame
 from services.gateway.limits import KeyLimiter, key_id
 from services.gateway.protocol import Backfill, BadCommandError, backfill_spec
 from services.gateway.settings import GatewaySettings
@@ -160,3 +162,44 @@ async def test_the_app_refuses_bad_keys_itself_behind_another_websocket_server()
     assert sent[0]["status"] == 403
     body = orjson.loads(sent[1]["body"])
     assert (body["code"], body["message"]) == ("unauthorized", "invalid API key"), body
+
+
+async def test_a_bad_key_is_refused_by_the_protocol_without_starting_the_app() -> None:
+    """uvicorn's own upgrade handling, fed a request with a wrong key, reaches
+    ``FrameWriterProtocol``'s refusal: 403 with the ``unauthorized`` body, the socket
+    closed, and no ASGI task started. If a uvicorn upgrade stopped calling the hook,
+    refusals would fall back to the (slower) endpoint and this fails."""
+    settings = GatewaySettings.model_validate({"gateway_api_keys": "k1"})
+    app = create_app(settings)
+    config = Config(app, ws_max_size=settings.ws_max_frame_bytes)
+    config.load()
+    state = ServerState()
+    protocol = gated_protocol(Gatekeeper(settings))(config=config, server_state=state, app_state={})
+
+    class Transport:
+        written = b""
+        closed = False
+
+        def write(self, data: bytes) -> None:
+            self.written += data
+
+        def close(self) -> None:
+            self.closed = True
+
+        def is_closing(self) -> bool:
+            return self.closed
+
+        def get_extra_info(self, name: str, default: Any = None) -> Any:
+            return ("127.0.0.1", 5555) if name in ("peername", "sockname") else default
+
+    transport = Transport()
+    protocol.connection_made(transport)  # type: ignore[arg-type]
+    protocol.data_received(
+        b"GET /ws?token=wrong HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        b"Sec-WebSocket-Version: 13\r\n\r\n"
+    )
+    head, _, body = transport.written.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 403 "), head
+    assert orjson.loads(body)["code"] == "unauthorized"
+    assert transport.closed and not state.tasks
