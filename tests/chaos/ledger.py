@@ -44,9 +44,8 @@ import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-import aioboto3
 import msgspec
 from aiobotocore.config import AioConfig
 from botocore.exceptions import BotoCoreError, ClientError
@@ -69,6 +68,7 @@ from services.common.subjects import (
 from services.ingestor.resync import HDR_RESYNC_REASON
 from services.snapshotter.snapshots import Snapshot, parse_snapshot
 from tests.chaos.harness import StoreEnv
+from tests.support.aws import stack_client
 
 MAX_PROBLEMS = 50  # kept per check (all are counted)
 _WINDOW = 20_000  # un-acked messages while reading a stream (~9 MB of ticks)
@@ -228,30 +228,17 @@ class DlqMsg:
     data: bytes
 
 
-def _session(store: StoreEnv) -> tuple[aioboto3.Session, dict[str, Any]]:
-    env = store.env
-    kwargs: dict[str, Any] = {
-        "region_name": env["AWS_REGION"],
-        "aws_access_key_id": env["AWS_ACCESS_KEY_ID"],
-        "aws_secret_access_key": env["AWS_SECRET_ACCESS_KEY"],
-        "config": AioConfig(
-            connect_timeout=2,
-            read_timeout=10,
-            retries={"max_attempts": 1},
-            s3={"addressing_style": "path"},
-        ),
-    }
-    return aioboto3.Session(), kwargs
+def _client(store: StoreEnv, service: Literal["dynamodb", "s3"]) -> Any:
+    # short timeouts and no retries: an audit reads what is there, outage or not
+    config = AioConfig(connect_timeout=2, read_timeout=10, retries={"max_attempts": 1})
+    return stack_client(store.env, service, config)
 
 
 async def read_table(store: StoreEnv) -> dict[str, tuple[int, str]]:
     """DynamoDB: product → (seq, tick JSON); empty if the table is not there (yet)."""
-    session, kwargs = _session(store)
     out: dict[str, tuple[int, str]] = {}
     try:
-        async with session.client(
-            "dynamodb", endpoint_url=store.env["DDB_ENDPOINT_URL"], **kwargs
-        ) as ddb:
+        async with _client(store, "dynamodb") as ddb:
             start: dict[str, Any] | None = None
             while True:
                 page = await (
@@ -274,9 +261,8 @@ async def newest_snapshot(store: StoreEnv) -> tuple[str, Snapshot] | None:
 
     Raises ``AssertionError`` if the pointer names an object that does not exist.
     """
-    session, kwargs = _session(store)
     try:
-        async with session.client("s3", endpoint_url=store.env["S3_ENDPOINT_URL"], **kwargs) as s3:
+        async with _client(store, "s3") as s3:
             try:
                 response = await s3.get_object(Bucket=store.bucket, Key="snapshots/latest.json")
             except ClientError as exc:

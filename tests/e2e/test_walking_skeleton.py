@@ -12,7 +12,6 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import aioboto3
 import pytest
 import websockets
 
@@ -21,6 +20,7 @@ from services.devstack.servers import NatsServer
 from services.devstack.stack import DevStack
 from tests.ops.promql import all_queries, metric_names
 from tests.ops.test_metric_names import _SUFFIXES, PROMETHEUS_BUILTINS
+from tests.support.aws import stack_client
 from tests.support.procs import ServiceProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
@@ -61,14 +61,7 @@ def _scraped_names(url: str) -> set[str]:
 
 
 async def _read_table(env: dict[str, str], table: str) -> dict[str, dict[str, Any]]:
-    session = aioboto3.Session()
-    async with session.client(
-        "dynamodb",
-        endpoint_url=env["DDB_ENDPOINT_URL"],
-        region_name=env["AWS_REGION"],
-        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
-    ) as ddb:
+    async with stack_client(env, "dynamodb") as ddb:
         try:
             page = await ddb.scan(TableName=table, ConsistentRead=True)
         except ddb.exceptions.ResourceNotFoundException:

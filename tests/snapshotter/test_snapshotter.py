@@ -15,10 +15,8 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
-import aioboto3
 import nats
 import pytest
-from aiobotocore.config import AioConfig
 from nats.aio.client import Client as NATS
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -30,6 +28,7 @@ from services.common.subjects import TICKS_STREAM, tick_subject
 from services.devstack.ports import free_port
 from services.devstack.stack import DevStack, StackPorts
 from services.snapshotter.snapshots import parse_snapshot
+from tests.support.aws import stack_client
 from tests.support.metrics import local_value
 from tests.support.procs import REPO, ServiceProcess
 from tests.support.streams import wait_consumer_idle
@@ -119,22 +118,11 @@ async def _table(stack: DevStack, table: str) -> dict[str, dict[str, Any]]:
 
 
 def _ddb(stack: DevStack) -> Any:
-    env = stack.env()
-    return aioboto3.Session().client(
-        "dynamodb", endpoint_url=env["DDB_ENDPOINT_URL"], region_name=env["AWS_REGION"],
-        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
-    )  # fmt: skip
+    return stack_client(stack.env(), "dynamodb")
 
 
 def _s3(stack: DevStack) -> Any:
-    env = stack.env()
-    return aioboto3.Session().client(
-        "s3", endpoint_url=env["S3_ENDPOINT_URL"], region_name=env["AWS_REGION"],
-        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
-        config=AioConfig(s3={"addressing_style": "path"}),
-    )  # fmt: skip
+    return stack_client(stack.env(), "s3")
 
 
 async def _truth(nc: NATS) -> dict[str, dict[str, Any]]:
