@@ -20,6 +20,7 @@ from services.common.lifecycle import run_service
 from services.common.logging import get_logger
 from services.gateway.app import GatewayState, create_app
 from services.gateway.frames import gated_protocol
+from services.gateway.pacing import HandshakePacer, PacedH11Protocol, paced_protocol
 from services.gateway.settings import GatewaySettings
 from services.gateway.uvicorn_logs import UvicornLogFilter
 
@@ -47,12 +48,16 @@ async def _drop_unfinished_handshakes(
 ) -> None:
     """uvicorn's HTTP protocol has no deadline for a connection's first request: close the
     TCP connections that have not completed an HTTP request (or upgrade) within
-    ``timeout_s`` (slowloris). Upgraded WebSockets are other protocol objects: untouched."""
+    ``timeout_s`` of their admission (slowloris). Upgraded WebSockets are other protocol
+    objects: untouched. The wait for a handshake token does not count: the pacer bounds it
+    (to ``timeout_s`` too, by its queue's length)."""
     first_seen: weakref.WeakKeyDictionary[object, float] = weakref.WeakKeyDictionary()
     while not stop.is_set():
         now = time.monotonic()
         for protocol in list(server.server_state.connections):
             if not isinstance(protocol, H11Protocol) or protocol.cycle is not None:
+                continue
+            if isinstance(protocol, PacedH11Protocol) and protocol.waiting_for_token:
                 continue
             started = first_seen.setdefault(protocol, now)
             if now - started > timeout_s and not protocol.transport.is_closing():
@@ -68,13 +73,18 @@ async def main(settings: GatewaySettings, stop: asyncio.Event) -> None:
     uvicorn_log.setLevel(logging.WARNING)
     app = create_app(settings)
     state: GatewayState = app.state.gateway
+    pacer = HandshakePacer(
+        settings.ws_handshakes_per_sec, settings.ws_handshake_burst, settings.ws_handshake_timeout_s
+    )
     config = uvicorn.Config(
         app,
         host=settings.gateway_host,
         port=settings.gateway_port,
         log_config=None,
         access_log=False,
-        http="h11",  # the handshake sweeper below knows h11's protocol objects
+        # h11 (the handshake sweeper below knows its protocol objects), admitting new
+        # connections at WS_HANDSHAKES_PER_SEC
+        http=paced_protocol(pacer),
         # websockets-sansio that lets sessions write prebuilt frames and refuses bad keys itself
         ws=gated_protocol(state.gatekeeper),
         ws_max_size=settings.ws_max_frame_bytes,
@@ -116,6 +126,7 @@ async def main(settings: GatewaySettings, stop: asyncio.Event) -> None:
         finally:
             served.set()
             watcher.cancel()
+    pacer.close()
     await state.limiter.close()
     if not server.started:
         raise PortUnavailableError(

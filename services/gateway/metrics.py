@@ -96,6 +96,27 @@ REFUSED = Counter(
 )
 for _cause in ("max_connections", "key_limit", "shutting_down"):
     REFUSED.labels(cause=_cause)
+INVALID_HTTP_REQUESTS = Counter(
+    "ledgerflux_gateway_invalid_http_requests_total",
+    "Requests that were not HTTP (answered 400 by uvicorn and closed)",
+)
+# handshake pacing (pacing.py): new connections past WS_HANDSHAKES_PER_SEC wait unread
+HANDSHAKES_PACED = Counter(
+    "ledgerflux_gateway_handshakes_paced_total",
+    "New connections that found no handshake token and waited for one",
+)
+HANDSHAKES_SHED = Counter(
+    "ledgerflux_gateway_handshakes_shed_total",
+    "New connections reset at once: as many were waiting as the handshake timeout lets through",
+)
+HANDSHAKE_QUEUE = Gauge(
+    "ledgerflux_gateway_handshake_queue", "New connections waiting for a handshake token"
+)
+HANDSHAKE_WAIT = Histogram(
+    "ledgerflux_gateway_handshake_wait_seconds",
+    "How long a paced connection waited for its handshake token",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+)
 BAD_TICKS = Counter(
     "ledgerflux_gateway_bad_ticks_total",
     "Messages on MD_TICKS that are not canonical ticks, skipped (live tail and backfill)",

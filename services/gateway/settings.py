@@ -41,6 +41,15 @@ class GatewaySettings(CommonSettings):
     ws_handshake_timeout_s: float = Field(
         default=10.0, gt=0, description="A TCP connection must complete its HTTP request within"
     )
+    ws_handshakes_per_sec: float = Field(
+        default=300.0,
+        gt=0,
+        le=1_000_000,
+        description="New connections admitted per second; the rest wait unread (pacing.py)",
+    )
+    ws_handshake_burst: int = Field(
+        default=20, ge=1, description="New connections admitted back to back before pacing"
+    )
     ws_per_message_deflate: bool = Field(
         default=False, description="Offer permessage-deflate (zlib per client per frame)"
     )

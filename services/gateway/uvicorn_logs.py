@@ -10,6 +10,10 @@
   ``auth_failed``/``origin_rejected``) made it log "connection rejected (403 Forbidden)"
   and, at ERROR, "ASGI callable returned without completing handshake.": an error line for
   every bad key of an attack. Both are dropped for denied handshakes only.
+- A request that is not HTTP made it log "Invalid HTTP request received." for every one,
+  at whatever rate a client sends them: counted in
+  ``ledgerflux_gateway_invalid_http_requests_total`` and logged as our
+  ``invalid_http_request`` through the log throttle instead.
 - A text frame that is not UTF-8 is the client's fault: uvicorn closes it with 1007
   (counted in ``ledgerflux_gateway_disconnects_total{code="1007"}``) but logged it at ERROR
   with a traceback. Logged at WARNING, without the traceback.
@@ -21,6 +25,12 @@ import logging
 import re
 from contextvars import ContextVar
 
+from services.common.logging import get_logger
+from services.common.logthrottle import throttle
+from services.gateway import metrics
+
+log = get_logger(__name__)
+
 _DENIED = ContextVar("ledgerflux_handshake_denied", default=False)
 _TOKEN = re.compile(r"(token=)[^&\s\"]*")
 _CHATTER = frozenset({"connection open", "connection closed"})
@@ -28,6 +38,7 @@ _DENIAL_LINES = frozenset(
     {"connection rejected (403 Forbidden)", "ASGI callable returned without completing handshake."}
 )
 _INVALID_UTF8 = "Invalid UTF-8 sequence received from client."
+_INVALID_REQUEST = "Invalid HTTP request received."
 
 
 def mark_handshake_denied() -> None:
@@ -42,6 +53,10 @@ class UvicornLogFilter(logging.Filter):
         if message in _CHATTER or message.endswith("[accepted]"):
             return False
         if message in _DENIAL_LINES and _DENIED.get():
+            return False
+        if message == _INVALID_REQUEST:  # answered 400 by uvicorn
+            metrics.INVALID_HTTP_REQUESTS.inc()
+            throttle.emit(log.warning, "invalid_http_request")
             return False
         if message == _INVALID_UTF8:
             record.levelno, record.levelname = logging.WARNING, "WARNING"

@@ -201,3 +201,33 @@ async def test_a_storm_of_bad_keys_is_counted_in_full_but_logged_at_a_bounded_ra
     # every attempt is a line or is counted on a later line
     assert after[-1]["suppressed"] > 0
     assert len(after) + sum(e.get("suppressed", 0) for e in after) == attempts + 1
+
+
+async def test_requests_that_are_not_http_are_counted_in_full_and_logged_at_a_bounded_rate(
+    start_gateway: StartGateway,
+) -> None:
+    """300 requests that are not HTTP: each is answered 400 and closed, counted in
+    ``invalid_http_requests_total``, and logged as ``invalid_http_request`` through the log
+    throttle; uvicorn's own line for each (unthrottled) is gone."""
+    gateway = await start_gateway()
+    attempts = 300
+
+    async def garbage() -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+        writer.write(b"\x16\x03\x01 not http at all\r\n\r\n")
+        try:
+            return await asyncio.wait_for(reader.read(), 5)
+        finally:
+            writer.close()
+
+    started = time.monotonic()
+    for _ in range(attempts // 50):
+        answers = await asyncio.gather(*(garbage() for _ in range(50)))
+        assert all(a.startswith(b"HTTP/1.1 400 ") for a in answers), answers[:3]
+    elapsed = time.monotonic() - started
+    metric = "ledgerflux_gateway_invalid_http_requests_total"
+    assert await gateway.wait_metric(metric, attempts) == attempts
+    events = [e["event"] for e in gateway.proc.events()]
+    logged = events.count("invalid_http_request")
+    assert DEFAULT_BURST <= logged <= DEFAULT_BURST + DEFAULT_PER_S * elapsed + 1, logged
+    assert not [e for e in events if e.startswith("Invalid HTTP request")], events[-5:]
