@@ -23,6 +23,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 SCENARIO_NAMES = ("normalize", "snapshotter", "pipeline", "fanout", "recovery")
+# per scenario: busy / steal / idle % of all CPU time while it ran (bench.run writes it)
+CPU_SHARES = RESULTS / "cpu.json"
 
 CORES_NOTE = (
     "2 vCPUs shared by everything: the servers (nats-server, DynamoDB Local's JVM, SeaweedFS), "
@@ -286,6 +288,16 @@ def render_markdown(report: dict[str, Any]) -> str:
     if report["failed"]:
         lines += ["", f"Scenarios that failed in this run: {', '.join(report['failed'])}."]
     lines += ["", f"How the cores were shared: {report['cores']}"]
+    shares = report.get("cpu_shares") or {}
+    if shares:
+        lines += ["", "CPU time while each scenario ran (`/proc/stat`, all cores): busy with "
+                  "this machine's work / stolen by the hypervisor for other guests / idle. "
+                  "High steal means fewer effective cores and lower figures for that scenario.",
+                  "", "| Scenario | Busy | Steal | Idle |", "|---|---|---|---|"]  # fmt: skip
+        for name, share in shares.items():
+            if share:
+                lines.append(f"| {name} | {share['busy_pct']:.0f} % | {share['steal_pct']:.0f} % "
+                             f"| {share['idle_pct']:.0f} % |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -361,6 +373,7 @@ def write_report(*, quick: bool, duration_s: float, failed: list[str]) -> str:
         "duration_s": round(duration_s, 1),
         "machine": machine_info(),
         "cores": CORES_NOTE,
+        "cpu_shares": json.loads(CPU_SHARES.read_text()) if CPU_SHARES.exists() else {},
         "failed": failed,
         "goals": [asdict(goal) for goal in goals],
         "scenarios": results,

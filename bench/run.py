@@ -13,11 +13,13 @@ run; the report then marks its figures as not measured.
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 import time
 
-from bench.report import RESULTS, write_report
+from bench.cpustat import cpu_shares, cpu_times
+from bench.report import CPU_SHARES, RESULTS, write_report
 
 # (scenario, full arguments, quick arguments)
 SCENARIOS: list[tuple[str, list[str], list[str]]] = [
@@ -37,19 +39,28 @@ def main() -> int:
     chosen = [s for s in SCENARIOS if not args.only or s[0] in args.only]
     started = time.monotonic()
     failed: list[str] = []
+    # a run of some scenarios (--only) keeps the figures of the others
+    shares: dict[str, dict[str, float]] = (
+        json.loads(CPU_SHARES.read_text()) if CPU_SHARES.exists() else {}
+    )
     for index, (name, full, quick) in enumerate(chosen, 1):
         print(f"[{index}/{len(chosen)}] {name} ... ({time.monotonic() - started:.0f} s so far)",
               flush=True)  # fmt: skip
         # a stale result must not pass for this run's figure
         (RESULTS / f"{name}.json").unlink(missing_ok=True)
-        step = time.monotonic()
+        step, cpu_before = time.monotonic(), cpu_times()
         command = [sys.executable, "-m", f"bench.{name}", *(quick if args.quick else full)]
         done = subprocess.run(command, check=False)
+        shares[name] = cpu_shares(cpu_before, cpu_times())
         verdict = "ok" if done.returncode == 0 else f"FAILED (exit {done.returncode})"
-        print(f"[{index}/{len(chosen)}] {name} {verdict} in {time.monotonic() - step:.0f} s",
+        steal = shares[name].get("steal_pct")
+        print(f"[{index}/{len(chosen)}] {name} {verdict} in {time.monotonic() - step:.0f} s"
+              + ("" if steal is None else f"; CPU time stolen by the hypervisor: {steal:.0f} %"),
               flush=True)  # fmt: skip
         if done.returncode != 0:
             failed.append(name)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    CPU_SHARES.write_text(json.dumps(shares, indent=2))
     print(
         f"all scenarios done in {time.monotonic() - started:.0f} s; writing the report", flush=True
     )
