@@ -101,9 +101,7 @@ async def expect_welcome(ws: ClientConnection, timeout: float = 20.0) -> None:
         raise ValueError(f"first message is not a welcome: {message}")
 
 
-async def read_to_close(
-    ws: ClientConnection, timeout: float, keep: bool = True
-) -> tuple[str, list[Any]]:
+async def read_to_close(ws: ClientConnection, timeout: float) -> tuple[str, list[Any]]:
     """Read until the server closes: (``close:<code>`` | ``close:none`` when the socket ended
     without a close frame | ``open`` when still open after ``timeout``, messages read)."""
     messages: list[Any] = []
@@ -111,7 +109,7 @@ async def read_to_close(
         async with asyncio.timeout(timeout):
             while True:
                 raw = await ws.recv()
-                messages.append(orjson.loads(raw) if keep else None)
+                messages.append(orjson.loads(raw))
     except ConnectionClosed as exc:
         return (f"close:{exc.rcvd.code}" if exc.rcvd else "close:none"), messages
     except TimeoutError:
@@ -483,13 +481,82 @@ async def churn(plan: AttackPlan, control: Control, tally: Tally) -> None:
         await asyncio.sleep(0.1)
 
 
-async def _unread_client(plan: AttackPlan) -> ClientConnection:
-    """A client with a tiny receive buffer and a one-message queue: it will not read."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: no autotune
-    sock.setblocking(False)
-    await asyncio.get_running_loop().sock_connect(sock, host_port(plan.url))
-    return await connect(plan.url, plan.keys["slow"], sock=sock, max_queue=1)
+class _UnreadClient:
+    """A WebSocket opened by hand on a socket with a tiny receive buffer, which then reads
+    nothing until told to: the gateway's send buffer fills behind it."""
+
+    def __init__(self, sock: socket.socket, reader: asyncio.StreamReader,
+                 writer: asyncio.StreamWriter) -> None:  # fmt: skip
+        self.sock, self.reader, self.writer = sock, reader, writer
+
+    @classmethod
+    async def open(cls, plan: AttackPlan) -> _UnreadClient:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: no autotune
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, host_port(plan.url))
+        reader, writer = await asyncio.open_connection(sock=sock)
+        writer.write(upgrade_request(plan.url, plan.keys["slow"]))
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 20)
+        if b" 101 " not in head.split(b"\r\n", 1)[0]:
+            raise AssertionError(f"slow reader refused: {head[:60]!r}")
+        _, payload = await asyncio.wait_for(read_server_frame(reader), 20)
+        if b'"welcome"' not in payload:
+            raise AssertionError(f"slow reader not welcomed: {payload[:80]!r}")
+        return cls(sock, reader, writer)
+
+    def send(self, command: dict[str, Any]) -> None:
+        self.writer.write(client_text_frame(orjson.dumps(command)))
+
+    async def drain_to_close(self, timeout: float) -> str:
+        """Read everything, parsing frame headers only, until the server's close frame
+        (``close:<code>``), the end of the stream without one (``close:none``) or
+        ``timeout`` (``open``). A client library's per-message parse made this take
+        seconds for megabytes of ticks, longer under load than the gateway lets a closed
+        slow consumer drain."""
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
+        buffer, reader = bytearray(), self.reader
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    chunk = await reader.read(1 << 20)
+                    if not chunk:
+                        return "close:none"
+                    buffer += chunk
+                    pos, end = 0, len(buffer)
+                    while end - pos >= 2:
+                        length, start = buffer[pos + 1] & 0x7F, pos + 2
+                        if length >= 126:
+                            size = 2 if length == 126 else 8
+                            if end - start < size:
+                                break
+                            length = int.from_bytes(buffer[start : start + size])
+                            start += size
+                        if end - start < length:
+                            break
+                        if buffer[pos] & 0x0F == 0x8:  # close
+                            code = buffer[start : start + 2]
+                            return f"close:{int.from_bytes(code) if len(code) == 2 else 'none'}"
+                        pos = start + length
+                    del buffer[:pos]
+        except TimeoutError:
+            return "open"
+        except ConnectionError:
+            return "close:none"
+        finally:
+            self.writer.transport.abort()
+
+
+def client_text_frame(payload: bytes) -> bytes:
+    """A client's text frame, masked as clients must (an all-zero mask: payload as is)."""
+    size = len(payload)
+    if size < 126:
+        head = bytes((0x81, 0x80 | size))
+    elif size < 1 << 16:
+        head = bytes((0x81, 0x80 | 126)) + size.to_bytes(2)
+    else:
+        head = bytes((0x81, 0x80 | 127)) + size.to_bytes(8)
+    return head + b"\0\0\0\0" + payload
 
 
 def slow_consumers(plan: AttackPlan) -> float:
@@ -513,15 +580,15 @@ async def slow_readers(plan: AttackPlan, control: Control, tally: Tally) -> None
     while await control.checkpoint():
         tally.cycles += 1
         flagged = await asyncio.to_thread(slow_consumers, plan)
-        readers = [await _unread_client(plan) for _ in range(plan.slow_readers)]
+        readers = [await _UnreadClient.open(plan) for _ in range(plan.slow_readers)]
         command = {
             "op": "subscribe",
             "products": plan.big_products,
             "snapshot": False,
             "backfill": {"last": plan.slow_backfill},
         }
-        for ws in readers:
-            await ws.send(json.dumps(command))
+        for reader in readers:
+            reader.send(command)
         started = time.monotonic()
         while time.monotonic() - started < plan.slow_wait_max_s:
             await asyncio.sleep(0.25)
@@ -529,8 +596,8 @@ async def slow_readers(plan: AttackPlan, control: Control, tally: Tally) -> None
                 break
         waited = round(time.monotonic() - started, 2)
         tally.extra["max_wait_s"] = max(tally.extra.get("max_wait_s", 0.0), waited)
-        outcomes = await asyncio.gather(*(read_to_close(ws, 30, keep=False) for ws in readers))
-        for outcome, _ in outcomes:
+        outcomes = await asyncio.gather(*(reader.drain_to_close(30) for reader in readers))
+        for outcome in outcomes:
             tally.seen(outcome)
             if outcome != "close:4008":
                 tally.wrong(f"slow reader: {outcome} (read after {waited}s)")
