@@ -64,7 +64,8 @@ async def test_a_connection_without_a_token_is_held_unparsed_until_its_turn() ->
     config = Config(create_app(settings), ws="websockets-sansio")
     config.load()
     state = ServerState()
-    pacer = HandshakePacer(rate_per_s=50.0, burst=1, max_wait_s=0.04)  # 2 may wait
+    # a token every 250 ms (a stalled test loop must not see two come at once), 2 may wait
+    pacer = HandshakePacer(rate_per_s=4.0, burst=1, max_wait_s=0.5)
     assert pacer.max_waiting == 2
     protocol_class = paced_protocol(pacer)
 
@@ -90,11 +91,11 @@ async def test_a_connection_without_a_token_is_held_unparsed_until_its_turn() ->
     assert b'"overloaded"' in body
 
     while second.waiting_for_token:
-        await asyncio.sleep(0.005)
+        await asyncio.sleep(0.01)
     assert third.waiting_for_token  # one token, one connection: the oldest first
     assert second_t.reading and len(state.tasks) == 2
     while third.waiting_for_token:
-        await asyncio.sleep(0.005)
+        await asyncio.sleep(0.01)
     assert third_t.reading and len(state.tasks) == 3 and not pacer.waiting
     for task in list(state.tasks):
         task.cancel()
