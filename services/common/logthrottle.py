@@ -61,6 +61,7 @@ THROTTLED_EVENTS = (
     "auth_failed", "origin_rejected", "connection_refused", "client_connected",
     "client_disconnected", "command_flood", "slow_consumer", "ping_flood",
     "bad_tick_on_stream", "unreadable_tick_in_stream", "frame_dead_lettered", "bad_ddb_item",
+    "handshakes_shed", "invalid_http_request",
 )  # fmt: skip
 for _event in THROTTLED_EVENTS:
     metrics.LOG_LINES_SUPPRESSED.labels(event=_event)
