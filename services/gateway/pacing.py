@@ -57,6 +57,8 @@ class HandshakePacer:
         if not self.waiting and self.bucket.take():
             return True
         if len(self.waiting) >= self.max_waiting:
+            self._forget_gone()  # clients that gave up while waiting hold no place
+        if len(self.waiting) >= self.max_waiting:
             metrics.HANDSHAKES_SHED.inc()
             throttle.emit(log.warning, "handshakes_shed", waiting=len(self.waiting))
             return None
@@ -71,22 +73,28 @@ class HandshakePacer:
             delay = self.bucket.seconds_until_token()
             self._timer = asyncio.get_running_loop().call_later(delay, self._release)
 
+    def _forget_gone(self) -> None:
+        self.waiting = deque(item for item in self.waiting if not item[0].transport.is_closing())
+        metrics.HANDSHAKE_QUEUE.set(len(self.waiting))
+
     def _release(self) -> None:
         self._timer = None
         waiting = self.waiting
         now = time.monotonic()
-        while waiting:
-            conn, since = waiting[0]
-            if conn.transport.is_closing():  # gone while waiting: no token
+        try:
+            while waiting:
+                conn, since = waiting[0]
+                if conn.transport.is_closing():  # gone while waiting: no token
+                    waiting.popleft()
+                    continue
+                if not self.bucket.take(now):
+                    break
                 waiting.popleft()
-                continue
-            if not self.bucket.take(now):
-                break
-            waiting.popleft()
-            metrics.HANDSHAKE_WAIT.observe(now - since)
-            conn.release()
-        metrics.HANDSHAKE_QUEUE.set(len(waiting))
-        self._schedule()
+                metrics.HANDSHAKE_WAIT.observe(now - since)
+                conn.release()
+        finally:  # whatever one handshake raised, the others still get their turn
+            metrics.HANDSHAKE_QUEUE.set(len(waiting))
+            self._schedule()
 
     def close(self) -> None:
         if self._timer is not None:

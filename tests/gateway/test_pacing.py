@@ -126,6 +126,35 @@ async def test_a_connection_gone_while_waiting_takes_no_token() -> None:
     pacer.close()
 
 
+async def test_clients_gone_while_waiting_hold_no_place_in_the_queue() -> None:
+    """Two may wait; both give up; a third new upgrade waits in their place instead of
+    being shed."""
+    pacer = HandshakePacer(rate_per_s=1.0, burst=1, max_wait_s=2.0)
+    assert pacer.max_waiting == 2
+    config = Config(create_app(GatewaySettings()), ws="websockets-sansio")
+    config.load()
+    state = ServerState()
+    protocol_class = paced_protocol(pacer)
+
+    def connect() -> tuple[Any, Transport]:
+        transport = Transport()
+        protocol = protocol_class(config=config, server_state=state, app_state={})
+        protocol.connection_made(transport)  # type: ignore[arg-type]
+        protocol.data_received(UPGRADE)
+        return protocol, transport
+
+    connect()  # the burst's token
+    waiting = [connect(), connect()]
+    for _, transport in waiting:
+        transport.close()
+    third, third_t = connect()
+    assert third.waiting_for_token and not third_t.closed
+    assert [conn for conn, _ in pacer.waiting] == [third]
+    for task in list(state.tasks):
+        task.cancel()
+    pacer.close()
+
+
 @pytest.mark.integration
 @pytest.mark.timeout(90)
 async def test_the_gateway_paces_new_connections_and_sheds_past_the_bound(
