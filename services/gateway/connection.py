@@ -97,9 +97,10 @@ class ClientConnection:
         # batch connections are woken by the hub's flush clock, others at once
         self._schedule = schedule if batch and schedule is not None else None
         self.scheduled = False  # on the hub's list for the next flush tick
-        # plain connections with a raw frame writer: the session's inline flush (see
-        # offer_tick), whether one is due, and whether the writer task is waiting in a send
-        # (nothing may overtake it then)
+        # connections with a raw frame writer: the session's inline flush (plain ones right
+        # after the NATS read, see offer_tick; batch ones at the hub's flush tick), whether
+        # one is due, and whether the writer task is waiting in a send (nothing may overtake
+        # it then)
         self.inline_flush: Callable[[], None] | None = None
         self.inline_due = False
         self._schedule_inline = schedule_inline
@@ -146,7 +147,7 @@ class ClientConnection:
             and self.bucket.take(now)
         ):
             self.queue.append((live, "tick"))
-            if self.inline_flush is not None:
+            if self.inline_flush is not None and not self.batch:
                 # written by the hub right after the NATS read that brought it (with any
                 # other tick of that read), without waking the writer task
                 if not self.inline_due:
@@ -175,7 +176,7 @@ class ClientConnection:
         self._window_extra += count - 1
         self.last_seq.update(batch.last)
         self.in_step = True
-        self.wakeup.set()  # the hub's flush tick is now: no need to wait for the next
+        self._notify()  # the hub's flush tick is now: written in this flush
         return True
 
     def _none_sent(self, batch: WindowBatch, latest: Mapping[str, LiveTick]) -> bool:

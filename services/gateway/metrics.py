@@ -143,8 +143,9 @@ LIVE_RESUMES = Counter(
 
 INLINE_WRITES = Counter(
     "ledgerflux_gateway_inline_writes_total",
-    "Messages written to a plain connection's socket right after the NATS read that "
-    "brought them, without waking its writer (not sampled in the buffer depth)",
+    "Messages written without waking the connection's writer task: plain connections' "
+    "right after the NATS read that brought them, batch ones' at the flush tick (not "
+    "sampled in the buffer depth)",
 )
 
 

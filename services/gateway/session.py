@@ -104,7 +104,7 @@ async def run_session(ws: WebSocket, conn: ClientConnection, ctx: SessionContext
             "welcome",
         )
         raw = _frame_writer(ws)
-        if raw is not None and not conn.batch:
+        if raw is not None:
             conn.inline_flush = partial(_flush_inline, conn, raw)
         # Both end by returning, never by raising: an exception ending every session (through
         # a TaskGroup) left its tracebacks, frames and the whole session in reference
@@ -441,9 +441,10 @@ async def _write(ws: WebSocket, conn: ClientConnection, raw: FrameWriterProtocol
 
 
 def _flush_inline(conn: ClientConnection, raw: FrameWriterProtocol) -> None:
-    """The hub's write of ``conn``'s queue right after a NATS read (see ``Hub.schedule_inline``)
-    while the writer task is idle and the socket takes it without waiting; else the writer
-    is woken to do it (it owns waiting, slow-consumer detection and the close)."""
+    """The hub's write of ``conn``'s queue, right after a NATS read (plain, see
+    ``Hub.schedule_inline``) or at its flush tick (batch), while the writer task is idle and
+    the socket takes it without waiting; else the writer is woken to do it (it owns waiting,
+    slow-consumer detection and the close)."""
     conn.inline_due = False
     if conn.sending or conn.close_code is not None or not raw.can_write_now():
         conn.wakeup.set()
@@ -452,12 +453,12 @@ def _flush_inline(conn: ClientConnection, raw: FrameWriterProtocol) -> None:
     if not frames:
         return
     try:
-        sent = _send_raw_now(raw, frames, batch=False)
+        sent = _send_raw_now(raw, frames, conn.batch)
     except ConnectionGone:
         conn.wakeup.set()  # the writer finds the socket gone and ends the session
         return
     _count(frames, sent)
-    metrics.FLUSHED.inline += len(frames)
+    metrics.FLUSHED.inline += _depth(frames) if conn.batch else len(frames)
     conn.drained.set()
     if conn.conflated:
         conn.wakeup.set()  # the writer releases them as tokens return
