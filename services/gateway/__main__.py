@@ -82,8 +82,8 @@ async def main(settings: GatewaySettings, stop: asyncio.Event) -> None:
         port=settings.gateway_port,
         log_config=None,
         access_log=False,
-        # h11 (the handshake sweeper below knows its protocol objects), admitting new
-        # connections at WS_HANDSHAKES_PER_SEC
+        # h11 (the handshake sweeper below knows its protocol objects), admitting WebSocket
+        # upgrades at WS_HANDSHAKES_PER_SEC
         http=paced_protocol(pacer),
         # websockets-sansio that lets sessions write prebuilt frames and refuses bad keys itself
         ws=gated_protocol(state.gatekeeper),

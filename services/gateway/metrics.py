@@ -100,21 +100,22 @@ INVALID_HTTP_REQUESTS = Counter(
     "ledgerflux_gateway_invalid_http_requests_total",
     "Requests that were not HTTP (answered 400 by uvicorn and closed)",
 )
-# handshake pacing (pacing.py): new connections past WS_HANDSHAKES_PER_SEC wait unread
+# handshake pacing (pacing.py): WebSocket upgrades past WS_HANDSHAKES_PER_SEC wait their turn
 HANDSHAKES_PACED = Counter(
     "ledgerflux_gateway_handshakes_paced_total",
-    "New connections that found no handshake token and waited for one",
+    "WebSocket upgrades that found no handshake token and waited for one",
 )
 HANDSHAKES_SHED = Counter(
     "ledgerflux_gateway_handshakes_shed_total",
-    "New connections reset at once: as many were waiting as the handshake timeout lets through",
+    "WebSocket upgrades answered 503 at once: as many were waiting as the handshake timeout "
+    "lets through",
 )
 HANDSHAKE_QUEUE = Gauge(
-    "ledgerflux_gateway_handshake_queue", "New connections waiting for a handshake token"
+    "ledgerflux_gateway_handshake_queue", "WebSocket upgrades waiting for a handshake token"
 )
 HANDSHAKE_WAIT = Histogram(
     "ledgerflux_gateway_handshake_wait_seconds",
-    "How long a paced connection waited for its handshake token",
+    "How long a paced WebSocket upgrade waited for its handshake token",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
 )
 BAD_TICKS = Counter(

@@ -45,10 +45,10 @@ class GatewaySettings(CommonSettings):
         default=300.0,
         gt=0,
         le=1_000_000,
-        description="New connections admitted per second; the rest wait unread (pacing.py)",
+        description="WebSocket upgrades admitted per second; the rest wait (pacing.py)",
     )
     ws_handshake_burst: int = Field(
-        default=20, ge=1, description="New connections admitted back to back before pacing"
+        default=20, ge=1, description="WebSocket upgrades admitted back to back before pacing"
     )
     ws_per_message_deflate: bool = Field(
         default=False, description="Offer permessage-deflate (zlib per client per frame)"
