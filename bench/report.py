@@ -246,6 +246,11 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def load_cpu_shares() -> dict[str, dict[str, float]]:
+    """Per scenario, the CPU shares ``bench.run`` recorded (empty before any run)."""
+    return json.loads(CPU_SHARES.read_text()) if CPU_SHARES.exists() else {}
+
+
 def load_results() -> dict[str, dict[str, Any] | None]:
     out: dict[str, dict[str, Any] | None] = {}
     for name in SCENARIO_NAMES:
@@ -383,7 +388,7 @@ def write_report(
         "only": only or None,
         "machine": machine_info(),
         "cores": CORES_NOTE,
-        "cpu_shares": json.loads(CPU_SHARES.read_text()) if CPU_SHARES.exists() else {},
+        "cpu_shares": load_cpu_shares(),
         "failed": failed,
         "goals": [asdict(goal) for goal in goals],
         "scenarios": results,

@@ -19,7 +19,7 @@ import sys
 import time
 
 from bench.cpustat import cpu_shares, cpu_times
-from bench.report import CPU_SHARES, RESULTS, write_report
+from bench.report import CPU_SHARES, RESULTS, load_cpu_shares, write_report
 
 # (scenario, full arguments, quick arguments)
 SCENARIOS: list[tuple[str, list[str], list[str]]] = [
@@ -40,9 +40,7 @@ def main() -> int:
     started = time.monotonic()
     failed: list[str] = []
     # a run of some scenarios (--only) keeps the figures of the others
-    shares: dict[str, dict[str, float]] = (
-        json.loads(CPU_SHARES.read_text()) if CPU_SHARES.exists() else {}
-    )
+    shares = load_cpu_shares()
     for index, (name, full, quick) in enumerate(chosen, 1):
         print(f"[{index}/{len(chosen)}] {name} ... ({time.monotonic() - started:.0f} s so far)",
               flush=True)  # fmt: skip

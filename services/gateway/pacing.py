@@ -118,7 +118,8 @@ class PacedH11Protocol(H11Protocol):
         if admitted:
             super().handle_websocket_upgrade(event)
         elif admitted is None:
-            self._shed(pacer.retry_after_s if pacer is not None else 1)
+            assert pacer is not None  # only the pacer sheds
+            self._shed(pacer.retry_after_s)
         else:
             self._upgrade = event
             self.transport.pause_reading()

@@ -408,7 +408,7 @@ async def _write(ws: WebSocket, conn: ClientConnection, raw: FrameWriterProtocol
             return
         frames = conn.next_frames()
         if frames:
-            metrics.BUFFER_DEPTH.observe(_depth(frames) if conn.batch else len(frames))
+            metrics.BUFFER_DEPTH.observe(_messages(frames, conn.batch))
             try:
                 if raw is not None and raw.can_write_now():
                     # the socket takes it without waiting: no deadline to arm (a timer per
@@ -458,7 +458,7 @@ def _flush_inline(conn: ClientConnection, raw: FrameWriterProtocol) -> None:
         conn.wakeup.set()  # the writer finds the socket gone and ends the session
         return
     _count(frames, sent)
-    metrics.FLUSHED.inline += _depth(frames) if conn.batch else len(frames)
+    metrics.FLUSHED.inline += _messages(frames, conn.batch)
     conn.drained.set()
     if conn.conflated:
         conn.wakeup.set()  # the writer releases them as tokens return
@@ -557,8 +557,10 @@ def _batch_body(frames: list[LiveTick | bytes]) -> bytes:
     return body
 
 
-def _depth(frames: list[tuple[Frame, str]]) -> int:
-    """Messages in a batch flush: a window counts its ticks."""
+def _messages(frames: list[tuple[Frame, str]], batch: bool) -> int:
+    """Messages in a flush: in a batch one, a window counts its ticks."""
+    if not batch:
+        return len(frames)
     return sum(f.count if isinstance(f, WindowBatch) else 1 for f, _ in frames)
 
 

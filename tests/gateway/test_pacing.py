@@ -55,37 +55,51 @@ class Transport:
         pass
 
 
+class Upgrades:
+    """uvicorn's paced h11 protocol on one server state, fed upgrade requests by hand."""
+
+    def __init__(self, pacer: HandshakePacer) -> None:
+        self.pacer = pacer
+        self.config = Config(create_app(GatewaySettings()), ws="websockets-sansio")
+        self.config.load()
+        self.state = ServerState()
+        self.protocol_class = paced_protocol(pacer)
+
+    def connect(self) -> tuple[Any, Transport]:
+        """A new connection that sends its upgrade request at once."""
+        transport = Transport()
+        protocol = self.protocol_class(config=self.config, server_state=self.state, app_state={})
+        protocol.connection_made(transport)  # type: ignore[arg-type]
+        protocol.data_received(UPGRADE)
+        return protocol, transport
+
+    def close(self) -> None:
+        for task in list(self.state.tasks):
+            task.cancel()
+        self.pacer.close()
+
+
 async def test_a_connection_without_a_token_is_held_unparsed_until_its_turn() -> None:
     """The burst admits the first upgrade; the next two wait with their connection's reading
     paused and no WebSocket handshake or ASGI task started. They are released oldest first,
     one per token, and their handshake then runs. Past the queue's bound (rate x timeout) a
     new upgrade gets 503 with Retry-After at once."""
-    settings = GatewaySettings()
-    config = Config(create_app(settings), ws="websockets-sansio")
-    config.load()
-    state = ServerState()
     # a token every 250 ms (a stalled test loop must not see two come at once), 2 may wait
     pacer = HandshakePacer(rate_per_s=4.0, burst=1, max_wait_s=0.5)
     assert pacer.max_waiting == 2
-    protocol_class = paced_protocol(pacer)
+    upgrades = Upgrades(pacer)
+    tasks = upgrades.state.tasks
 
-    def connect() -> tuple[Any, Transport]:
-        transport = Transport()
-        protocol = protocol_class(config=config, server_state=state, app_state={})
-        protocol.connection_made(transport)  # type: ignore[arg-type]
-        protocol.data_received(UPGRADE)
-        return protocol, transport
-
-    first, first_t = connect()
+    first, first_t = upgrades.connect()
     assert not first.waiting_for_token and first_t.reading
-    assert len(state.tasks) == 1  # the upgrade was parsed and its ASGI task started
-    second, second_t = connect()
-    third, third_t = connect()
+    assert len(tasks) == 1  # the upgrade was parsed and its ASGI task started
+    second, second_t = upgrades.connect()
+    third, third_t = upgrades.connect()
     assert second.waiting_for_token and third.waiting_for_token
     assert not second_t.reading and not third_t.reading
-    assert len(state.tasks) == 1 and not second_t.written  # no handshake yet
-    _fourth, fourth_t = connect()
-    assert fourth_t.closed and len(pacer.waiting) == 2 and len(state.tasks) == 1
+    assert len(tasks) == 1 and not second_t.written  # no handshake yet
+    _fourth, fourth_t = upgrades.connect()
+    assert fourth_t.closed and len(pacer.waiting) == 2 and len(tasks) == 1
     head, _, body = fourth_t.written.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 503 ") and b"retry-after: 1" in head.lower(), head
     assert b'"overloaded"' in body
@@ -93,37 +107,24 @@ async def test_a_connection_without_a_token_is_held_unparsed_until_its_turn() ->
     while second.waiting_for_token:
         await asyncio.sleep(0.01)
     assert third.waiting_for_token  # one token, one connection: the oldest first
-    assert second_t.reading and len(state.tasks) == 2
+    assert second_t.reading and len(tasks) == 2
     while third.waiting_for_token:
         await asyncio.sleep(0.01)
-    assert third_t.reading and len(state.tasks) == 3 and not pacer.waiting
-    for task in list(state.tasks):
-        task.cancel()
-    pacer.close()
+    assert third_t.reading and len(tasks) == 3 and not pacer.waiting
+    upgrades.close()
 
 
 async def test_a_connection_gone_while_waiting_takes_no_token() -> None:
     pacer = HandshakePacer(rate_per_s=50.0, burst=1, max_wait_s=1.0)
-    config = Config(create_app(GatewaySettings()), ws="websockets-sansio")
-    config.load()
-    state = ServerState()
-    protocol_class = paced_protocol(pacer)
-    protocols = []
-    for _ in range(3):
-        transport = Transport()
-        protocol = protocol_class(config=config, server_state=state, app_state={})
-        protocol.connection_made(transport)  # type: ignore[arg-type]
-        protocol.data_received(UPGRADE)
-        protocols.append((protocol, transport))
-    (_, _), (gone, gone_t), (kept, _) = protocols
+    upgrades = Upgrades(pacer)
+    upgrades.connect()  # the burst's token
+    (gone, gone_t), (kept, _) = upgrades.connect(), upgrades.connect()
     gone_t.close()
     while kept.waiting_for_token:
         await asyncio.sleep(0.005)
     assert gone.waiting_for_token  # never released: its place went to the next one
-    assert not pacer.waiting and len(state.tasks) == 2
-    for task in list(state.tasks):
-        task.cancel()
-    pacer.close()
+    assert not pacer.waiting and len(upgrades.state.tasks) == 2
+    upgrades.close()
 
 
 async def test_clients_gone_while_waiting_hold_no_place_in_the_queue() -> None:
@@ -131,28 +132,15 @@ async def test_clients_gone_while_waiting_hold_no_place_in_the_queue() -> None:
     being shed."""
     pacer = HandshakePacer(rate_per_s=1.0, burst=1, max_wait_s=2.0)
     assert pacer.max_waiting == 2
-    config = Config(create_app(GatewaySettings()), ws="websockets-sansio")
-    config.load()
-    state = ServerState()
-    protocol_class = paced_protocol(pacer)
-
-    def connect() -> tuple[Any, Transport]:
-        transport = Transport()
-        protocol = protocol_class(config=config, server_state=state, app_state={})
-        protocol.connection_made(transport)  # type: ignore[arg-type]
-        protocol.data_received(UPGRADE)
-        return protocol, transport
-
-    connect()  # the burst's token
-    waiting = [connect(), connect()]
+    upgrades = Upgrades(pacer)
+    upgrades.connect()  # the burst's token
+    waiting = [upgrades.connect(), upgrades.connect()]
     for _, transport in waiting:
         transport.close()
-    third, third_t = connect()
+    third, third_t = upgrades.connect()
     assert third.waiting_for_token and not third_t.closed
     assert [conn for conn, _ in pacer.waiting] == [third]
-    for task in list(state.tasks):
-        task.cancel()
-    pacer.close()
+    upgrades.close()
 
 
 @pytest.mark.integration
